@@ -1,0 +1,151 @@
+"""`d2c convert`: Darknet cfg + weights -> Caffe prototxt + caffemodel + JSON sidecar.
+
+Everything is validated (cfg, shapes, weights byte count) before the first byte is written,
+and every file is written atomically, so a failure leaves no partial output behind.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from d2c.caffe.emitter import DEPLOY, TRAIN, ConvertOptions, Emitter
+from d2c.caffe.proto import CaffeNet, to_prototxt, write_caffemodel
+from d2c.darknet.cfg import parse_cfg
+from d2c.darknet.graph import Graph, build_graph
+from d2c.darknet.weights import WeightsHeader, random_weights, read_weights
+from d2c.errors import D2CError
+from d2c.fsutil import atomic_write_text
+from d2c.layers import REGISTRY
+
+SIDECAR_VERSION = 1
+
+
+@dataclass
+class Conversion:
+    """Result of building the Caffe net in memory (nothing written yet)."""
+
+    graph: Graph
+    header: WeightsHeader
+    net: CaffeNet
+    emitter: Emitter
+    options: ConvertOptions
+    sidecar: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_graph(cfg_path: str | Path, flavor: str | None = None, *, continue_on_error: bool = False) -> Graph:
+    """Parse and shape the cfg (all problems reported together)."""
+    return build_graph(parse_cfg(cfg_path), flavor, continue_on_error=continue_on_error)
+
+
+def build_conversion(graph: Graph, weights: dict[int, dict[str, np.ndarray]], header: WeightsHeader,
+                     options: ConvertOptions, *, name: str | None = None,
+                     progress: bool = False) -> Conversion:
+    """Run every converter over the graph and collect the Caffe net and decoding metadata."""
+    em = Emitter(net_name=name or Path(graph.cfg.path).stem, options=options,
+                 input_shape=(graph.net.channels, graph.net.height, graph.net.width))
+    nodes = graph.nodes
+    if progress and len(nodes) > 40:
+        from tqdm import tqdm
+        nodes = tqdm(nodes, desc="convert", unit="layer", leave=False)
+    warnings = list(graph.warnings)
+    for node in nodes:
+        warnings.extend(node.attrs.pop("warnings", []) or [])
+        try:
+            REGISTRY[node.kind].emit(node, em, weights.get(node.index, {}))
+        except D2CError as exc:
+            raise type(exc)(f"{node.where}: {exc}", exc.problems) from None
+    if options.mode == TRAIN:
+        from d2c.loss.emit import add_truth_input
+        add_truth_input(em, graph)
+    sidecar = make_sidecar(graph, em, header)
+    return Conversion(graph=graph, header=header, net=em.net(), emitter=em, options=options,
+                      sidecar=sidecar, warnings=warnings)
+
+
+def make_sidecar(graph: Graph, em: Emitter, header: WeightsHeader) -> dict[str, Any]:
+    """What decoding and export need, beside the Caffe files."""
+    return {
+        "d2c_sidecar": SIDECAR_VERSION,
+        "cfg": str(graph.cfg.path),
+        "flavor": graph.flavor,
+        "input": {"name": "data", "channels": graph.net.channels, "height": graph.net.height,
+                  "width": graph.net.width},
+        "bn": {"mode": "folded" if em.options.fold_bn else
+               ("pjreddie sqrt(var)+1e-6" if graph.flavor == "pjreddie" else "alexeyab sqrt(var+1e-5)")},
+        "fold_bn": em.options.fold_bn,
+        "weights_header": {"major": header.major, "minor": header.minor, "revision": header.revision,
+                           "seen": header.seen},
+        "heads": [{"index": h.index, "kind": h.kind, "blob": h.blob, "shape": list(h.shape), **h.attrs}
+                  for h in em.heads],
+        "blobs": {str(i): b for i, b in em.blob_of.items() if i >= 0},
+    }
+
+
+@dataclass
+class ConvertReport:
+    prototxt: Path
+    caffemodel: Path
+    sidecar: Path
+    layers: int
+    caffe_layers: int
+    params: int
+    outputs: list[str]
+    seconds: float
+    warnings: list[str]
+    flavor: str
+    flavor_reason: str
+    extra: list[Path] = field(default_factory=list)
+
+
+def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str | Path, *,
+            flavor: str | None = None, fold_bn: bool = False, continue_on_error: bool = False,
+            allow_trailing: bool = False, seed: int = 0, train: bool = False, bn: str = "exact",
+            batch: int | None = None, progress: bool = False, name: str | None = None) -> ConvertReport:
+    """Convert and write OUT/<stem>.prototxt, .caffemodel, .json (and the train net with `train`)."""
+    start = time.perf_counter()
+    graph = load_graph(cfg_path, flavor, continue_on_error=continue_on_error)
+    if weights_path is None:
+        header, arrays = WeightsHeader(), random_weights(graph, seed)
+    else:
+        header, arrays = read_weights(weights_path, graph, allow_trailing=allow_trailing)
+    stem = name or Path(cfg_path).stem
+    out = Path(out_dir)
+    options = ConvertOptions(flavor=graph.flavor, fold_bn=fold_bn, mode=DEPLOY, batch=1)
+    conv = build_conversion(graph, arrays, header, options, name=stem, progress=progress)
+    files = {"prototxt": out / f"{stem}.prototxt", "caffemodel": out / f"{stem}.caffemodel",
+             "sidecar": out / f"{stem}.json"}
+    extra: list[Path] = []
+    train_conv = None
+    if train:
+        train_batch = batch or max(1, graph.net.batch // graph.net.subdivisions)
+        train_opts = ConvertOptions(flavor=graph.flavor, mode=TRAIN, bn=bn, batch=train_batch)
+        train_conv = build_conversion(graph, arrays, header, train_opts, name=stem)
+    # Everything is built and checked; only now touch the output directory.
+    out.mkdir(parents=True, exist_ok=True)
+    write_caffemodel(conv.net, files["caffemodel"])
+    atomic_write_text(files["prototxt"], header_comment(conv) + to_prototxt(conv.net))
+    sidecar = dict(conv.sidecar, prototxt=files["prototxt"].name, caffemodel=files["caffemodel"].name)
+    atomic_write_text(files["sidecar"], json.dumps(sidecar, indent=1) + "\n")
+    if train_conv is not None:
+        from d2c.train_files import write_train_files
+        extra = write_train_files(train_conv, out, stem)
+    outputs = [h.blob for h in conv.emitter.heads]
+    return ConvertReport(prototxt=files["prototxt"], caffemodel=files["caffemodel"], sidecar=files["sidecar"],
+                         layers=len(graph.nodes), caffe_layers=len(conv.net.layers), params=graph.param_count(),
+                         outputs=outputs, seconds=time.perf_counter() - start, warnings=conv.warnings,
+                         flavor=graph.flavor, flavor_reason=graph.flavor_reason, extra=extra)
+
+
+def header_comment(conv: Conversion) -> str:
+    g = conv.graph
+    lines = [f"# Converted by d2c from {Path(g.cfg.path).name} ({g.flavor} Darknet semantics: {g.flavor_reason}).",
+             f"# Outputs: raw inputs of the detection heads, in cfg order: "
+             f"{', '.join(h.blob for h in conv.emitter.heads) or '(none)'}.",
+             "# Decode with `d2c detect` using the JSON sidecar beside this file."]
+    return "\n".join(lines) + "\n"

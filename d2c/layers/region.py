@@ -1,0 +1,62 @@
+"""[region] (YOLOv2 head): no Caffe layer in deploy; the raw input blob is a net output."""
+from __future__ import annotations
+
+import numpy as np
+
+from d2c.caffe.emitter import Emitter, Head
+from d2c.darknet.cfg import Section
+from d2c.darknet.graph import GraphBuilder
+from d2c.errors import CfgError, UnsupportedLayerError
+from d2c.layers.base import LayerConverter, Node, positive, register
+
+
+@register
+class Region(LayerConverter):
+    section = "region"
+    keys = frozenset({"coords", "classes", "num", "softmax", "background", "log", "sqrt", "max", "jitter",
+                      "rescore", "thresh", "classfix", "absolute", "random", "coord_scale", "object_scale",
+                      "noobject_scale", "mask_scale", "class_scale", "bias_match", "tree", "map", "anchors"})
+    summary = "YOLOv2 head: anchors in grid units, softmax or logistic classes; loss with warm-up, rescore, bias_match"
+    caffe_layers = "none in deploy (raw output blob); Python loss layer in train nets"
+
+    def build(self, sec: Section, graph: GraphBuilder) -> Node:
+        prev, (c, h, w) = graph.previous(sec)
+        coords = positive(sec, "coords", sec.get_int("coords", 4))
+        classes = positive(sec, "classes", sec.get_int("classes", 20))
+        num = positive(sec, "num", sec.get_int("num", 1))
+        for key in ("tree", "map"):
+            if sec.get_str(key) is not None:
+                raise UnsupportedLayerError(f"{sec.where_key(key)}: hierarchical softmax ('{key}', "
+                                            f"YOLO9000) is not supported")
+        if coords != 4:
+            raise UnsupportedLayerError(f"{sec.where_key('coords')}: only coords=4 is supported")
+        anchors = sec.get_float_list("anchors", [0.5] * (2 * num))
+        if len(anchors) < 2 * num:
+            raise CfgError(f"{sec.where_key('anchors')}: num={num} needs {2 * num} values, got {len(anchors)}")
+        if c != num * (coords + classes + 1):
+            raise CfgError(f"{sec.where}: input has {c} channels but num {num} x (coords {coords} + classes "
+                           f"{classes} + 1) = {num * (coords + classes + 1)}")
+        attrs = {
+            "classes": classes, "coords": coords, "num": num, "anchors": anchors[: 2 * num],
+            "softmax": sec.get_int("softmax", 0), "background": sec.get_int("background", 0),
+            "log": sec.get_int("log", 0), "sqrt": sec.get_int("sqrt", 0), "max_boxes": 30,
+            "jitter": sec.get_float("jitter", 0.2), "rescore": sec.get_int("rescore", 0),
+            "thresh": sec.get_float("thresh", 0.5), "classfix": sec.get_int("classfix", 0),
+            "absolute": sec.get_int("absolute", 0), "random": sec.get_int("random", 0),
+            "coord_scale": sec.get_float("coord_scale", 1.0), "object_scale": sec.get_float("object_scale", 1.0),
+            "noobject_scale": sec.get_float("noobject_scale", 1.0),
+            "mask_scale": sec.get_float("mask_scale", 1.0), "class_scale": sec.get_float("class_scale", 1.0),
+            "bias_match": sec.get_int("bias_match", 0),
+        }
+        sec.get_int("max", 30)  # parsed by Darknet but the loops hard-code 30
+        return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev], in_shapes=[(c, h, w)],
+                    out_shape=(c, h, w), attrs=attrs)
+
+    def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
+        blob = em.blob(node.inputs[0])
+        em.heads.append(Head(index=node.index, kind=self.section, blob=blob, shape=node.in_shape,
+                             attrs=dict(node.attrs)))
+        em.blob_of[node.index] = blob
+        if em.training:
+            from d2c.loss.emit import emit_loss_layer
+            emit_loss_layer(em, node, blob)

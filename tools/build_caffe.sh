@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Build BVLC Caffe 1.0 (Debian bullseye source package) CPU-only with the Python layer,
+# against the project's venv interpreter. Cached outside the repo, keyed by Caffe version,
+# Python version and numpy ABI, so CI reuses it. Prints the directory that holds `caffe/`.
+set -euo pipefail
+PY=${1:?usage: build_caffe.sh PYTHON}
+CAFFE_VERSION=1.0.0+git20180821.99bd997-8
+CACHE=${D2C_CACHE:-$HOME/.cache/d2c}
+key=$("$PY" -c 'import sys, numpy; v = sys.version_info; print("py%d%d-np%s" % (v[0], v[1], numpy.__version__.split(".")[0]))')
+prefix="$CACHE/caffe-${CAFFE_VERSION//[^A-Za-z0-9.]/_}-$key"
+if [ -f "$prefix/.built" ]; then echo "$prefix/python"; exit 0; fi
+
+log() { echo "[build_caffe] $*" >&2; }
+export DEBIAN_FRONTEND=noninteractive
+deps=(build-essential cmake dpkg-dev quilt libboost-filesystem-dev libboost-system-dev
+      libboost-thread-dev libboost-python-dev libgflags-dev libgoogle-glog-dev libhdf5-dev
+      libopenblas-dev libprotobuf-dev protobuf-compiler liblmdb-dev libsnappy-dev patchelf)
+missing=()
+for p in "${deps[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing build deps: ${missing[*]}"
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+src="$CACHE/src"
+mkdir -p "$src"
+if [ ! -d "$src/caffe-1.0.0+git20180821.99bd997" ]; then
+  # A private sources list for bullseye deb-src that reuses the configured mirror: nothing system-wide changes.
+  aptdir="$CACHE/apt"; mkdir -p "$aptdir/lists/partial" "$aptdir/archives/partial"
+  mirror=$( { grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}';
+              grep -hE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '{print $2}'; } \
+            | grep -v security | head -1 || true)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  echo "deb-src [trusted=yes] ${mirror%/} bullseye main" > "$aptdir/sources.list"
+  aptopts=(-o "Dir::Etc::SourceList=$aptdir/sources.list" -o "Dir::Etc::SourceParts=-" -o "Dir::State::Lists=$aptdir/lists" -o "APT::Get::List-Cleanup=0")
+  log "fetching caffe $CAFFE_VERSION source from $mirror (bullseye)"
+  apt-get "${aptopts[@]}" update -qq >&2
+  (cd "$src" && apt-get "${aptopts[@]}" source --download-only "caffe=$CAFFE_VERSION" >&2)
+  (cd "$src" && dpkg-source --no-check -x caffe_*.dsc >&2)
+fi
+tree="$src/caffe-1.0.0+git20180821.99bd997"
+if [ ! -f "$tree/.d2c-patched" ]; then
+  (cd "$tree" && if [ -d debian/patches ] && [ ! -d .pc ]; then QUILT_PATCHES=debian/patches quilt push -a >&2 || true; fi)
+  # protobuf >= 3.21: SetTotalBytesLimit takes one argument.
+  sed -i 's/SetTotalBytesLimit(kProtoReadBytesLimit, 536870912)/SetTotalBytesLimit(kProtoReadBytesLimit)/' "$tree/src/caffe/util/io.cpp"
+  touch "$tree/.d2c-patched"
+fi
+build="$prefix-build"
+mkdir -p "$build"  # kept until success, so a failed install step does not rebuild
+pylib=$("$PY" -c 'import sysconfig,os; print(os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")))')
+pyinc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+npinc=$("$PY" -c 'import numpy; print(numpy.get_include())')
+log "configuring (python $pylib)"
+cmake -S "$tree" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCPU_ONLY=ON -DUSE_OPENCV=OFF -DUSE_LEVELDB=OFF \
+  -DUSE_LMDB=ON -DBUILD_python=ON -DBUILD_python_layer=ON -DBUILD_docs=OFF -DBLAS=Open \
+  -Dpython_version=3 -DPYTHON_EXECUTABLE="$PY" -DPYTHON_LIBRARY="$pylib" -DPYTHON_INCLUDE_DIR="$pyinc" \
+  -DNUMPY_INCLUDE_DIR="$npinc" -DCMAKE_CXX_FLAGS="-O2 -march=x86-64-v2" >"$build/cmake.log" 2>&1 || { tail -40 "$build/cmake.log" >&2; exit 1; }
+log "building (about 3 minutes on 2 cores)"
+make -C "$build" -j"$(nproc)" caffe pycaffe >"$build/make.log" 2>&1 || { tail -60 "$build/make.log" >&2; exit 1; }
+rm -rf "$prefix"; mkdir -p "$prefix"
+cp -rL "$tree/python" "$prefix/python"
+cp -L "$build"/lib/_caffe.so "$prefix/python/caffe/_caffe.so"
+cp -a "$build"/lib/libcaffe.so* "$prefix/python/caffe/"
+# The build tree is deleted below: make the extension find libcaffe beside itself.
+for lib in "$prefix/python/caffe/_caffe.so" "$prefix"/python/caffe/libcaffe.so.*; do
+  [ -L "$lib" ] || patchelf --set-rpath '$ORIGIN:/usr/lib/x86_64-linux-gnu/hdf5/serial' "$lib"
+done
+cp -r "$build/include" "$prefix/include" 2>/dev/null || true
+touch "$prefix/.built"
+rm -rf "$build"
+echo "$prefix/python"

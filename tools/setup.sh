@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Fresh-machine setup: Debian's Darknet, the project venv, pycaffe (built once, cached), d2c itself.
+set -euo pipefail
+PY=${1:-python3}
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+need_apt=()
+[ -f /usr/lib/darknet/libdarknet.so ] || need_apt+=(darknet)
+dpkg -s patchelf >/dev/null 2>&1 || need_apt+=(patchelf)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "[setup] apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,caffe]' 2>&1 | grep -v '^WARNING: Location' || true
+# pycaffe: reuse an importable one, else build Debian's caffe source once into the cache.
+if ! .venv/bin/python -c 'import caffe' >/dev/null 2>&1; then
+  caffe_py=$(bash tools/build_caffe.sh "$(pwd)/.venv/bin/python")
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$caffe_py" > "$site/d2c_caffe.pth"
+fi
+GLOG_minloglevel=2 .venv/bin/python -c 'import caffe, d2c, cv2; print("[setup] caffe, d2c and OpenCV", cv2.__version__, "import fine")'
