@@ -35,6 +35,10 @@ class UnsupportedLayerError(D2CError):
     """Sections or options d2c cannot express exactly with stock Caffe layers."""
 
 
+class NeedsAlexeyABError(UnsupportedLayerError):
+    """A construct only AlexeyAB's Darknet defines; flavor inference retries with it."""
+
+
 class DatasetError(D2CError):
     """A .data file, image list, image or label file that is wrong."""
 

@@ -47,6 +47,7 @@ class Emitter:
     layers: list[CaffeLayer] = field(default_factory=list)
     blob_of: dict[int, str] = field(default_factory=dict)
     heads: list[Head] = field(default_factory=list)
+    extra_inputs: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # e.g. ("truth", (b, 450))
     _names: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -89,5 +90,5 @@ class Emitter:
 
     def net(self) -> CaffeNet:
         c, h, w = self.input_shape
-        inputs: list[tuple[str, tuple[int, ...]]] = [("data", (self.options.batch, c, h, w))]
+        inputs: list[tuple[str, tuple[int, ...]]] = [("data", (self.options.batch, c, h, w)), *self.extra_inputs]
         return CaffeNet(name=self.net_name, inputs=inputs, layers=list(self.layers))

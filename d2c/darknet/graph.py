@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from d2c.darknet.cfg import COMMON_KEYS, Cfg, Section
-from d2c.errors import CfgError, D2CError, UnsupportedLayerError
-from d2c.layers import REGISTRY, Node, Shape
+from d2c.errors import CfgError, D2CError, NeedsAlexeyABError, UnsupportedLayerError
+from d2c.layers.base import Node, Shape
 
 # Refuse absurd networks before allocating anything (issue: resource limits).
 MAX_BLOB_FLOATS = 1 << 31          # one activation blob per image
@@ -122,11 +122,26 @@ def infer_flavor(cfg: Cfg) -> tuple[str, str]:
 
 
 def build_graph(cfg: Cfg, flavor: str | None = None, *, continue_on_error: bool = False) -> Graph:
-    """Build every node, collecting unsupported sections and bad keys into one error."""
-    reason = "given"
+    """Build every node, collecting unsupported sections and bad keys into one error.
+
+    With the flavor inferred as pjreddie, a construct only AlexeyAB defines (unequal-channel
+    shortcut, several `from`s) switches to AlexeyAB semantics, and the reason says where.
+    """
     if flavor is None:
-        flavor, reason = infer_flavor(cfg)
-    elif flavor not in ("pjreddie", "alexeyab"):
+        guess, reason = infer_flavor(cfg)
+        if guess == "pjreddie":
+            try:
+                return _build_graph(cfg, guess, reason, continue_on_error)
+            except NeedsAlexeyABError as exc:
+                return _build_graph(cfg, "alexeyab", str(exc), continue_on_error)
+        return _build_graph(cfg, guess, reason, continue_on_error)
+    return _build_graph(cfg, flavor, "given", continue_on_error)
+
+
+def _build_graph(cfg: Cfg, flavor: str, reason: str, continue_on_error: bool) -> Graph:
+    from d2c.layers import REGISTRY  # imports every converter module
+
+    if flavor not in ("pjreddie", "alexeyab"):
         raise D2CError(f"unknown Darknet flavor {flavor!r}; use pjreddie or alexeyab")
     builder = GraphBuilder(cfg, flavor)
     unsupported = [f"{cfg.path}:{s.line}: [{s.raw_type}] (layer {s.index})"
@@ -146,6 +161,11 @@ def build_graph(cfg: Cfg, flavor: str | None = None, *, continue_on_error: bool 
             break
         try:
             node = converter.build(sec, builder)
+        except NeedsAlexeyABError as exc:
+            if reason != "given":
+                raise  # inferred pjreddie: build_graph retries with AlexeyAB semantics
+            problems.append(exc.render())
+            break
         except D2CError as exc:
             problems.append(exc.render())
             if not continue_on_error:

@@ -7,14 +7,18 @@ AlexeyAB divides by sqrt(var + 1e-5), which is Caffe's own formula with eps = 1e
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
-from d2c.darknet.graph import GraphBuilder
 from d2c.errors import CfgError, UnsupportedLayerError
 from d2c.layers.base import LayerConverter, Node, ParamArray, positive, register
 from d2c.layers.common import emit_activation, lr_scale, read_activation
+
+if TYPE_CHECKING:  # pragma: no cover
+    from d2c.darknet.graph import GraphBuilder
 
 PJREDDIE_EPS_OUTSIDE = 1e-6      # normalize_cpu: sqrt(var) + .000001f
 ALEXEYAB_EPS_INSIDE = 1e-5       # AlexeyAB normalize_cpu: sqrt(var + .00001f)

@@ -7,15 +7,19 @@ Darknet's windows. Out-of-range cells never win in either engine, so the maxima 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 
 import numpy as np
 
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
-from d2c.darknet.graph import GraphBuilder
 from d2c.errors import CfgError, UnsupportedLayerError
 from d2c.layers.base import LayerConverter, Node, positive, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from d2c.darknet.graph import GraphBuilder
 
 
 def darknet_pool_out(size_in: int, size: int, stride: int, padding: int) -> int:

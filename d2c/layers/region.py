@@ -1,13 +1,17 @@
 """[region] (YOLOv2 head): no Caffe layer in deploy; the raw input blob is a net output."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from d2c.caffe.emitter import Emitter, Head
 from d2c.darknet.cfg import Section
-from d2c.darknet.graph import GraphBuilder
 from d2c.errors import CfgError, UnsupportedLayerError
 from d2c.layers.base import LayerConverter, Node, positive, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from d2c.darknet.graph import GraphBuilder
 
 
 @register

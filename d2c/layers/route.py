@@ -5,13 +5,17 @@ the group's channel count, so no Slice top is left dangling (which would become 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
-from d2c.darknet.graph import GraphBuilder
 from d2c.errors import CfgError, UnsupportedLayerError
 from d2c.layers.base import LayerConverter, Node, positive, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from d2c.darknet.graph import GraphBuilder
 
 
 def emit_channel_crop(em: Emitter, name: str, source: str, shape: tuple[int, int, int],

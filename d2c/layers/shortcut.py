@@ -2,15 +2,19 @@
 unequal channel counts (the sum covers a channel prefix, as in yolov3-tiny-prn)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
-from d2c.darknet.graph import GraphBuilder
-from d2c.errors import UnsupportedLayerError
+from d2c.errors import NeedsAlexeyABError, UnsupportedLayerError
 from d2c.layers.base import LayerConverter, Node, register
 from d2c.layers.common import emit_activation, read_activation
 from d2c.layers.route import emit_channel_crop
+
+if TYPE_CHECKING:  # pragma: no cover
+    from d2c.darknet.graph import GraphBuilder
 
 
 @register
@@ -24,7 +28,7 @@ class Shortcut(LayerConverter):
         prev, prev_shape = graph.previous(sec)
         sources = [graph.resolve(sec, "from", r) for r in sec.get_int_list("from", required=True)]
         if len(sources) > 1 and graph.flavor == "pjreddie":
-            raise UnsupportedLayerError(f"{sec.where_key('from')}: pjreddie Darknet reads one `from` only")
+            raise NeedsAlexeyABError(f"{sec.where_key('from')}: pjreddie Darknet reads one `from` only")
         if sec.get_str("weights_type", "none") != "none":
             raise UnsupportedLayerError(f"{sec.where_key('weights_type')}: weighted shortcuts are not supported")
         shapes = [graph.shape_of(s) for s in sources]
@@ -34,8 +38,8 @@ class Shortcut(LayerConverter):
                     f"{sec.where_key('from')}: layer {s} is {shape[1]}x{shape[2]} but the previous layer is "
                     f"{prev_shape[1]}x{prev_shape[2]}; strided shortcuts have no stock-Caffe form")
             if shape[0] != prev_shape[0] and graph.flavor == "pjreddie":
-                raise UnsupportedLayerError(f"{sec.where_key('from')}: unequal channels ({shape[0]} vs "
-                                            f"{prev_shape[0]}) need --darknet alexeyab semantics")
+                raise NeedsAlexeyABError(f"{sec.where_key('from')}: a shortcut over unequal channels "
+                                         f"({shape[0]} vs {prev_shape[0]}) is defined only by AlexeyAB's Darknet")
         alpha = sec.get_float("alpha", 1.0)
         beta = sec.get_float("beta", 1.0)
         warnings: list[str] = []

@@ -5,13 +5,17 @@ exactly scale*x into each output cell (one product, no sum), which is Darknet's 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
-from d2c.darknet.graph import GraphBuilder
 from d2c.errors import CfgError
 from d2c.layers.base import LayerConverter, Node, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from d2c.darknet.graph import GraphBuilder
 
 
 @register

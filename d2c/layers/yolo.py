@@ -5,13 +5,17 @@ training loss layer, both from the attributes recorded here and in the JSON side
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from d2c.caffe.emitter import Emitter, Head
 from d2c.darknet.cfg import Section
-from d2c.darknet.graph import GraphBuilder
 from d2c.errors import CfgError, UnsupportedLayerError
 from d2c.layers.base import LayerConverter, Node, positive, register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from d2c.darknet.graph import GraphBuilder
 
 IOU_LOSSES = ("mse", "iou", "giou", "diou", "ciou")
 

@@ -1,0 +1,145 @@
+"""`d2c` command line: argparse subcommands over the library.
+
+Every D2CError becomes one clear message (plus the collected problems) and exit status 2;
+`--debug` shows the traceback. Subcommand modules are imported lazily so `d2c info` and
+`d2c convert` start fast and never need pycaffe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from d2c.errors import D2CError
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="Darknet cfg + weights -> Caffe prototxt + caffemodel + JSON sidecar")
+    p.add_argument("cfg", help="Darknet .cfg")
+    p.add_argument("weights", nargs="?", help=".weights (omit for seeded random weights)")
+    p.add_argument("-o", "--out", default="out", help="output directory (default: out)")
+    p.add_argument("--name", help="output file stem (default: the cfg's stem)")
+    p.add_argument("--darknet", choices=["pjreddie", "alexeyab"],
+                   help="which Darknet's numerics to reproduce (default: inferred from the cfg)")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm+Scale into the convolutions")
+    p.add_argument("--train", action="store_true", help="also write <stem>_train.prototxt and <stem>_solver.prototxt")
+    p.add_argument("--bn", choices=["exact", "stock", "frozen"], default="exact",
+                   help="BatchNorm in the train net: exact Darknet (Python layer), stock Caffe BatchNorm, or frozen")
+    p.add_argument("--batch", type=int, help="train net batch (default: [net] batch/subdivisions)")
+    p.add_argument("--allow-trailing", action="store_true", help="accept extra bytes after the last layer")
+    p.add_argument("--continue-on-error", action="store_true",
+                   help="convert up to the first unsupported section, reporting every problem")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from d2c.convert import convert
+    rep = convert(args.cfg, args.weights, args.out, flavor=args.darknet, fold_bn=args.fold_bn,
+                  continue_on_error=args.continue_on_error, allow_trailing=args.allow_trailing,
+                  seed=args.seed, train=args.train, bn=args.bn, batch=args.batch, progress=True,
+                  name=args.name)
+    for w in rep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"d2c convert: {args.cfg}" + (f" + {args.weights}" if args.weights else " (random weights, seed "
+                                                                                 f"{args.seed})"))
+    print(f"  Darknet semantics : {rep.flavor} ({rep.flavor_reason})")
+    print(f"  Darknet layers    : {rep.layers}   Caffe layers: {rep.caffe_layers}   params: {rep.params:,}")
+    print(f"  outputs           : {', '.join(rep.outputs)}")
+    for path in (rep.prototxt, rep.caffemodel, rep.sidecar, *rep.extra):
+        print(f"  wrote             : {path}")
+    print(f"  time              : {rep.seconds:.2f} s")
+    return 0
+
+
+def _add_detect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("detect", help="run a converted model on images, Darknet-exact pre/post-processing")
+    p.add_argument("model", help="output directory of `d2c convert`, or its .prototxt")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--thresh", type=float, default=0.25)
+    p.add_argument("--hier", type=float, default=0.5)
+    p.add_argument("--nms", type=float, default=0.45)
+    p.add_argument("--names", help="class names file (default: COCO/VOC names guessed from class count)")
+    p.add_argument("--engine", choices=["caffe", "opencv"], default="caffe")
+    p.add_argument("--json", action="store_true", help="print detections as JSON to stdout")
+    p.add_argument("-o", "--out", help="PNG with labelled boxes (a directory when several images)")
+    p.set_defaults(func=_run_detect)
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    from d2c.detect import run_detect_cli
+    return run_detect_cli(args)
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="where Darknet, Caffe and OpenCV were found, and their versions")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from d2c.engines import engine_info
+    for key, value in engine_info().items():
+        print(f"{key:10s} {value}")
+    return 0
+
+
+def _lazy(name: str, module: str, helptext: str) -> tuple[str, str, str]:
+    return name, module, helptext
+
+
+# Subcommands implemented in their own modules, each providing add_arguments(p) and run(args).
+LAZY_COMMANDS = [
+    _lazy("parity", "d2c.parity", "run real Darknet and Caffe side by side: forward, loss, gradient, N-step update"),
+    _lazy("train", "d2c.train", "train a Darknet cfg in Caffe from a Darknet-style dataset"),
+    _lazy("export", "d2c.export", "Caffe caffemodel -> Darknet .weights"),
+    _lazy("bench", "d2c.bench", "conversion, forward and training speed side by side"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2c", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_detect(sub)
+    _add_info(sub)
+    for name, module, helptext in LAZY_COMMANDS:
+        p = sub.add_parser(name, help=helptext)
+        try:
+            mod = __import__(module, fromlist=["add_arguments"])
+        except ImportError as exc:  # pragma: no cover - a broken install
+            p.set_defaults(func=lambda a, exc=exc: _missing(exc))
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+    return parser
+
+
+def _missing(exc: Exception) -> int:
+    print(f"d2c: this command is unavailable: {exc}", file=sys.stderr)
+    return 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except D2CError as exc:
+        if args.debug:
+            raise
+        print(f"d2c {args.command}: error: {exc.render()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"d2c {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Finding the real engines (pycaffe, Debian's libdarknet.so, OpenCV) with clear errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from types import ModuleType
+
+from d2c.errors import EngineError
+
+DARKNET_LIB = Path("/usr/lib/darknet/libdarknet.so")
+
+
+def import_caffe() -> ModuleType:
+    """Import pycaffe quietly (glog), or explain how to get it."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    try:
+        import caffe  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise EngineError(f"pycaffe is not importable ({exc}); run `make setup`, which builds BVLC Caffe "
+                          f"from Debian's source package into ~/.cache/d2c") from None
+    caffe.set_mode_cpu()
+    return caffe
+
+
+def import_cv2() -> ModuleType:
+    try:
+        import cv2
+    except ImportError as exc:
+        raise EngineError(f"OpenCV is not importable ({exc}); pip install 'opencv-python-headless<5'") from None
+    if int(cv2.__version__.split(".")[0]) >= 5:
+        raise EngineError(f"OpenCV {cv2.__version__} dropped the Darknet and Caffe importers; use 4.x")
+    return cv2
+
+
+def _dpkg_version(package: str) -> str:
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "not installed"
+
+
+def engine_info() -> dict[str, str]:
+    """One line per engine: where it is and which version (for `d2c info` and reports)."""
+    info: dict[str, str] = {}
+    info["darknet"] = (f"{DARKNET_LIB} (Debian package darknet {_dpkg_version('darknet')})"
+                       if DARKNET_LIB.exists() else "missing: apt-get install darknet")
+    try:
+        caffe = import_caffe()
+        version = getattr(caffe, "__version__", "1.0.0")
+        info["caffe"] = f"{Path(caffe.__file__).parent} (BVLC Caffe {version}, CPU)"
+    except EngineError as exc:
+        info["caffe"] = f"missing: {exc}"
+    try:
+        cv2 = import_cv2()
+        info["opencv"] = f"{cv2.__version__} ({Path(cv2.__file__).parent})"
+    except EngineError as exc:
+        info["opencv"] = f"missing: {exc}"
+    import numpy
+    info["numpy"] = numpy.__version__
+    return info
