@@ -51,6 +51,12 @@ class Node:
         return self.in_shapes[0]
 
     @property
+    def prefix(self) -> str:
+        """Caffe name prefix. Zero-padded because Caffe lists net outputs in name order, and the
+        head outputs must come out in cfg order."""
+        return f"layer{self.index:03d}"
+
+    @property
     def where(self) -> str:
         return f"layer {self.index} {self.section.where}"
 

@@ -37,7 +37,7 @@ def read_activation(node_section, default: str, flavor: str, warnings: list[str]
 
 def emit_activation(em: Emitter, node: Node, blob: str, act: str) -> str:
     """Apply `act` to `blob`; returns the blob holding the result (in place where Caffe allows)."""
-    base = f"layer{node.index}"
+    base = f"{node.prefix}"
     if act == "linear":
         return blob
     if act in ("leaky", "relu"):

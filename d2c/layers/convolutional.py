@@ -118,7 +118,7 @@ class Convolutional(LayerConverter):
             conv_param["group"] = a["groups"]
         if a["dilation"] != 1:
             conv_param["dilation"] = [a["dilation"]]
-        name = f"layer{node.index}_conv"
+        name = f"{node.prefix}_conv"
         bottom = em.blob(node.inputs[0])
         rho = lr_scale(node)
         weights = arrays["weights"]
@@ -152,17 +152,17 @@ def emit_batchnorm(em: Emitter, node: Node, blob: str, arrays: dict[str, np.ndar
         # exactly Darknet's 0.99/0.01 EMA of the (unbiased) batch statistics.
         factor = 100.0
         bn_blobs = [mean * factor, variance * factor, np.full(1, factor, np.float32)]
-        em.add("BatchNorm", f"layer{node.index}_bn", [blob], [blob], bn_blobs,
+        em.add("BatchNorm", f"{node.prefix}_bn", [blob], [blob], bn_blobs,
                batch_norm_param={"use_global_stats": False, "moving_average_fraction": 0.99,
                                  "eps": ALEXEYAB_EPS_INSIDE},
                param=[{"lr_mult": 0.0, "decay_mult": 0.0}] * 3)
     else:
         bn_blobs, eps = caffe_bn_blobs(mean, variance, flavor)
-        em.add("BatchNorm", f"layer{node.index}_bn", [blob], [blob], bn_blobs,
+        em.add("BatchNorm", f"{node.prefix}_bn", [blob], [blob], bn_blobs,
                batch_norm_param={"use_global_stats": True, "eps": eps},
                param=[{"lr_mult": 0.0, "decay_mult": 0.0}] * 3 if em.training else None)
     scale_spec = None
     if em.training:
         scale_spec = [{"lr_mult": rho, "decay_mult": 0.0}, {"lr_mult": rho, "decay_mult": 0.0}]
-    em.add("Scale", f"layer{node.index}_scale", [blob], [blob], scale_blobs,
+    em.add("Scale", f"{node.prefix}_scale", [blob], [blob], scale_blobs,
            scale_param=scale_param, param=scale_spec)

@@ -81,7 +81,7 @@ class Maxpool(LayerConverter):
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
         a = node.attrs
         bottom = em.blob(node.inputs[0])
-        name = f"layer{node.index}_maxpool"
+        name = f"{node.prefix}_maxpool"
         pool = {"pool": "MAX", "kernel_size": a["size"]}
         pool.update({"stride": a["stride_x"]} if a["stride_x"] == a["stride_y"]
                     else {"stride_h": a["stride_y"], "stride_w": a["stride_x"]})
@@ -114,7 +114,7 @@ class Maxpool(LayerConverter):
         # ceil((in - k')/s) + 1 == floor((in + P - size)/s) + 1 when k' = size - P + s - 1.
         k_h = a["size"] - a["padding"] + a["stride_y"] - 1
         k_w = a["size"] - a["padding"] + a["stride_x"] - 1
-        ref = f"layer{node.index}_shape_ref"
+        ref = f"{node.prefix}_shape_ref"
         if not (1 <= k_h <= h and 1 <= k_w <= w):
             raise UnsupportedLayerError(f"{node.where}: cannot build a crop reference for this pooling")
         pool = {"pool": "MAX", "kernel_h": k_h, "kernel_w": k_w,

@@ -63,7 +63,7 @@ class Reorg(LayerConverter):
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
         c, h, w = node.in_shape
         s = node.attrs["stride"]
-        base = f"layer{node.index}_reorg"
+        base = f"{node.prefix}_reorg"
         planes = f"{base}_planes"
         em.add("Reshape", planes, [em.blob(node.inputs[0])], [planes],
                reshape_param={"shape": {"dim": [0, c // (s * s), h * s, w * s]}})

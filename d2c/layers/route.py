@@ -67,11 +67,11 @@ class Route(LayerConverter):
         parts = []
         for k, (src, shape) in enumerate(zip(node.inputs, node.in_shapes)):
             size = shape[0] // groups
-            parts.append(emit_channel_crop(em, f"layer{node.index}_group{k}", em.blob(src), shape,
+            parts.append(emit_channel_crop(em, f"{node.prefix}_group{k}", em.blob(src), shape,
                                            group_id * size, size))
         if len(parts) == 1:
             em.blob_of[node.index] = parts[0]
             return
-        name = f"layer{node.index}_route"
+        name = f"{node.prefix}_route"
         em.add("Concat", name, parts, [name], concat_param={"axis": 1})
         em.blob_of[node.index] = name

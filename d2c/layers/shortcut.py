@@ -50,7 +50,7 @@ class Shortcut(LayerConverter):
 
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
         a = node.attrs
-        base = f"layer{node.index}"
+        base = f"{node.prefix}"
         prev_shape = node.in_shapes[0]
         c_out = prev_shape[0]
         total = em.blob(node.inputs[0])

@@ -43,7 +43,7 @@ class Upsample(LayerConverter):
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
         c = node.in_shape[0]
         s = abs(node.attrs["stride"])
-        name = f"layer{node.index}_upsample"
+        name = f"{node.prefix}_upsample"
         weights = np.full((c, 1, s, s), node.attrs["scale"], np.float32)
         param = {"num_output": c, "kernel_size": [s], "stride": [s], "group": c, "bias_term": False}
         layer_type = "Deconvolution" if node.attrs["stride"] > 0 else "Convolution"
