@@ -1,0 +1,75 @@
+"""[batchnorm]: a stand-alone BN over the previous layer's output.
+
+The two lineages store different arrays (load_batchnorm_weights): pjreddie reads scales,
+rolling_mean, rolling_variance and keeps biases at 0 (calloc'd, never loaded); AlexeyAB reads
+biases first, then the same three. The inference formula is the flavor's BN (pjreddie divides
+by sqrt(var) + 1e-6, AlexeyAB by sqrt(var + 1e-5)), reproduced with the same blob trick as
+[convolutional]. Darknet copies the input first, so the Caffe BatchNorm writes a new blob.
+pjreddie gives this layer no update function: its gamma/beta are frozen in training.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from d2c.caffe.emitter import Emitter
+from d2c.darknet.cfg import Section
+from d2c.layers.base import LayerConverter, Node, ParamArray, register
+from d2c.layers.common import lr_scale
+from d2c.layers.convolutional import bn_denominator, caffe_bn_blobs, emit_batchnorm
+
+if TYPE_CHECKING:  # pragma: no cover
+    from d2c.darknet.graph import GraphBuilder
+
+
+def batchnorm_params(channels: int, flavor: str) -> list[ParamArray]:
+    """The arrays in .weights order for each lineage."""
+    triple = [ParamArray("scales", (channels,)), ParamArray("rolling_mean", (channels,)),
+              ParamArray("rolling_variance", (channels,))]
+    if flavor == "alexeyab":
+        return [ParamArray("biases", (channels,)), *triple]
+    return triple
+
+
+def batchnorm_reference(x: np.ndarray, scales: np.ndarray, biases: np.ndarray, mean: np.ndarray,
+                        variance: np.ndarray, flavor: str) -> np.ndarray:
+    """Inference BN on (N, C, H, W): (x - mean) / denominator * scale + bias, Darknet's order."""
+    shape = (1, -1, 1, 1)
+    centred = x.astype(np.float32) - mean.astype(np.float32).reshape(shape)
+    normed = (centred.astype(np.float64) / bn_denominator(variance, flavor).reshape(shape)).astype(np.float32)
+    return normed * scales.astype(np.float32).reshape(shape) + biases.astype(np.float32).reshape(shape)
+
+
+@register
+class Batchnorm(LayerConverter):
+    section = "batchnorm"
+    keys = frozenset()
+    summary = "stand-alone BN; pjreddie (3 arrays, beta = 0) and AlexeyAB (4 arrays) files"
+    caffe_layers = "BatchNorm (out of place) + Scale"
+
+    def build(self, sec: Section, graph: GraphBuilder) -> Node:
+        prev, (c, h, w) = graph.previous(sec)
+        return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev], in_shapes=[(c, h, w)],
+                    out_shape=(c, h, w), params=batchnorm_params(c, graph.flavor),
+                    attrs={"flavor": graph.flavor})
+
+    def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
+        flavor = node.attrs["flavor"]
+        c = node.in_shape[0]
+        full = dict(arrays)
+        full.setdefault("biases", np.zeros(c, np.float32))   # pjreddie: beta stays 0
+        bottom = em.blob(node.inputs[0])
+        top = f"{node.prefix}_batchnorm"
+        if not em.training:
+            bn_blobs, eps = caffe_bn_blobs(full["rolling_mean"], full["rolling_variance"], flavor)
+            em.add("BatchNorm", top, [bottom], [top], bn_blobs,
+                   batch_norm_param={"use_global_stats": True, "eps": eps})
+            em.add("Scale", f"{node.prefix}_scale", [top], [top], [full["scales"], full["biases"]],
+                   scale_param={"bias_term": True})
+        else:
+            # Training forms act in place, so copy first (Power 1*x+0 is an exact copy, both ways).
+            em.add("Power", top, [bottom], [top], power_param={"power": 1.0, "scale": 1.0, "shift": 0.0})
+            rho = lr_scale(node) if flavor == "alexeyab" else 0.0   # pjreddie never updates this layer
+            emit_batchnorm(em, node, top, full, flavor, rho)
+        em.blob_of[node.index] = top

@@ -1,0 +1,73 @@
+"""[connected]: InnerProduct (+ BatchNorm + Scale) + activation, reshaped to Darknet's C x 1 x 1.
+
+Darknet flattens its C x H x W input buffer as is (channel-major), which is exactly what
+InnerProduct(axis 1) does with an N x C x H x W blob, and stores weights outputs x inputs
+row-major, which is InnerProduct's blob 0. Unlike [convolutional], the BN arrays come after
+the weights in the .weights file (load_connected_weights): biases, weights, scales,
+rolling_mean, rolling_variance. The output is reshaped to N x out x 1 x 1 so every later
+converter (conv, BN, softmax, route) sees the 4-D blob Darknet's shape inference describes.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from d2c.caffe.emitter import Emitter
+from d2c.darknet.cfg import Section
+from d2c.layers.base import LayerConverter, Node, ParamArray, positive, register
+from d2c.layers.common import emit_activation, lr_scale, read_activation
+from d2c.layers.convolutional import emit_batchnorm, fold_batchnorm
+
+if TYPE_CHECKING:  # pragma: no cover
+    from d2c.darknet.graph import GraphBuilder
+
+
+@register
+class Connected(LayerConverter):
+    section = "connected"
+    keys = frozenset({"output", "activation", "batch_normalize"})
+    summary = "fully connected over the flattened C·H·W input, optional BN (arrays after the weights), any exact activation"
+    caffe_layers = "InnerProduct + Reshape [+ BatchNorm + Scale] + activation; `--fold-bn`: InnerProduct + Reshape"
+
+    def build(self, sec: Section, graph: GraphBuilder) -> Node:
+        prev, (c, h, w) = graph.previous(sec)
+        outputs = positive(sec, "output", sec.get_int("output", 1))
+        inputs = c * h * w
+        bn = bool(sec.get_int("batch_normalize", 0))
+        warnings: list[str] = []
+        act = read_activation(sec, "logistic", graph.flavor, warnings)
+        params = [ParamArray("biases", (outputs,)), ParamArray("weights", (outputs, inputs))]
+        if bn:  # load_connected_weights: the BN triple follows the weight matrix
+            params += [ParamArray("scales", (outputs,)), ParamArray("rolling_mean", (outputs,)),
+                       ParamArray("rolling_variance", (outputs,))]
+        return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev], in_shapes=[(c, h, w)],
+                    out_shape=(outputs, 1, 1), params=params,
+                    attrs={"output": outputs, "bn": bn, "activation": act, "flavor": graph.flavor,
+                           "warnings": warnings})
+
+    def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
+        a = node.attrs
+        outputs = a["output"]
+        name = f"{node.prefix}_fc"
+        bottom = em.blob(node.inputs[0])
+        rho = lr_scale(node)
+        weights = arrays["weights"]
+        ip_param = {"num_output": outputs, "axis": 1}
+        fold = a["bn"] and em.options.fold_bn and not em.training
+        if not a["bn"]:
+            em.add("InnerProduct", name, [bottom], [name], [weights, arrays["biases"]],
+                   inner_product_param=ip_param, param=em.learnable(rho, with_bias=True))
+        elif fold:
+            w, b = fold_batchnorm(weights, arrays["scales"], arrays["biases"], arrays["rolling_mean"],
+                                  arrays["rolling_variance"], a["flavor"])
+            em.add("InnerProduct", name, [bottom], [name], [w, b], inner_product_param=ip_param)
+        else:
+            em.add("InnerProduct", name, [bottom], [name], [weights],
+                   inner_product_param={**ip_param, "bias_term": False},
+                   param=em.learnable(rho, with_bias=False))
+        shaped = f"{node.prefix}_fc4d"
+        em.add("Reshape", shaped, [name], [shaped], reshape_param={"shape": {"dim": [0, outputs, 1, 1]}})
+        if a["bn"] and not fold:
+            emit_batchnorm(em, node, shaped, arrays, a["flavor"], rho)
+        em.blob_of[node.index] = emit_activation(em, node, shaped, a["activation"])
