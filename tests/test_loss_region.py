@@ -230,3 +230,154 @@ def test_invariants_random(b, classes, H, W, seen) -> None:
     assert_array_equal(g[:, :, [2, 3]], -d[:, :, [2, 3]] / F32(b))
     assert_array_equal(g[:, :, 5:], -d[:, :, 5:] / F32(b))
     assert not np.any(region_grad(r, b, mode="cpu"))
+
+
+# ------------------------------------------------------------------------------------------
+# Against the real Darknet (Debian libdarknet.so)
+#
+# cfg/loss_region*.cfg: [net] 104x80x27, batch 2 -> exact 8x8/8 max-pool -> [region] on a 13x10
+# grid (3 anchors, 4 classes). One train_network_datum with *net.seen preset to s0 runs the
+# forward with seen = s0 + 2 (it adds the mini-batch first), so s0 = 12796 is the last step
+# with the prior warm-up and s0 = 12798 the first without.
+# ------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from d2c.darknet.runtime import DarknetProcess  # noqa: E402
+
+CFG_DIR = Path(__file__).resolve().parents[1] / "cfg"
+DN_H, DN_W, DN_UP = 10, 13, 8
+DN_CFGS = {
+    "loss_region": dict(bias_match=True, softmax=True, rescore=True, object_scale=5.0, thresh=0.6),
+    "loss_region_logistic": dict(object_scale=3.0, noobject_scale=0.5, class_scale=1.5, coord_scale=2.0,
+                                 thresh=0.5),
+    "loss_region_background": dict(bias_match=True, softmax=True, background=True, rescore=True,
+                                   object_scale=5.0, thresh=0.6),
+}
+
+
+@pytest.fixture(scope="module")
+def darknet():
+    engines: dict[str, DarknetProcess] = {}
+
+    def get(name: str) -> DarknetProcess:
+        if name not in engines:
+            engines[name] = DarknetProcess(CFG_DIR / f"{name}.cfg")
+        return engines[name]
+
+    yield get
+    for engine in engines.values():
+        engine.close()
+
+
+def run_darknet(engine: DarknetProcess, z: np.ndarray, truth: np.ndarray, seen0: int):
+    x = np.repeat(np.repeat(z, DN_UP, axis=2), DN_UP, axis=3)
+    engine.set_seen(seen0)
+    err = engine.train_datum(x, truth)
+    assert engine.seen() == seen0 + 2
+    return engine.layer_output(1), engine.layer_delta(1), engine.layer_cost(1), err
+
+
+def compare(engine, name, z, truth, seen0):
+    out, delta, cost, err = run_darknet(engine, z, truth, seen0)
+    ref = region_loss(z, truth, rparams(**DN_CFGS[name]), seen=seen0 + 2)
+    assert_allclose(ref.output, out, rtol=1e-6, atol=1e-7)
+    assert_allclose(ref.delta, delta, rtol=1e-6, atol=1e-7)
+    assert_allclose(ref.cost, cost, rtol=1e-6)
+    assert err == cost
+    return ref, out, delta, cost
+
+
+def scenario_truth() -> np.ndarray:
+    """Image 0: two truths in one cell, boxes on cell borders, various sizes; image 1: none."""
+    boxes = [
+        (0.5, 0.5, 0.3, 0.4, 1),                  # x·13 = 6.5, y·10 = 5 (border): cell (6, 5)
+        (0.52, 0.53, 0.28, 0.42, 3),              # same cell (6, 5)
+        (float(F32(4 / 13)), 0.3, 0.7, 0.6, 0),   # x on a border (4/13)
+        (0.1, 0.85, 0.05, 0.08, 2),
+        (0.9, 0.15, 0.95, 0.9, 2),
+    ]
+    return truth_array(2, [boxes, []])
+
+
+@pytest.mark.parametrize("name", list(DN_CFGS))
+@pytest.mark.parametrize("seen0", [0, 12796, 12798, 50000])
+def test_darknet_scenario_bit_exact(darknet, name, seen0) -> None:
+    rng = np.random.default_rng(21)
+    z = rng.normal(0, 1.5, (2, 27, DN_H, DN_W)).astype(F32)
+    ref, out, delta, cost = compare(darknet(name), name, z, scenario_truth(), seen0)
+    assert_array_equal(ref.output, out)
+    assert_array_equal(ref.delta, delta)
+    assert F32(ref.cost) == F32(cost)
+    d1 = delta[1].reshape(3, 9, DN_H, DN_W)
+    warm = seen0 + 2 < 12800
+    assert bool(np.any(d1[:, 0:4])) == warm          # image 1 (no truth): box deltas only from the warm-up
+    assert not np.any(d1[:, 5:])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("name", list(DN_CFGS))
+def test_darknet_random_sweep_bit_exact(darknet, name, seed) -> None:
+    rng = np.random.default_rng(2000 + seed)
+    z = rng.normal(0, rng.uniform(0.5, 3), (2, 27, DN_H, DN_W)).astype(F32)
+    boxes = []
+    for _ in range(2):
+        img = []
+        for _ in range(int(rng.integers(0, 31))):
+            x = rng.integers(1, DN_W) / DN_W if rng.random() < 0.3 else rng.uniform(0, 1)
+            img.append((x, rng.uniform(0, 1), rng.uniform(0.001, 1), rng.uniform(0.001, 1), int(rng.integers(0, 4))))
+        boxes.append(img)
+    seen0 = int(rng.choice([0, 12796, 12798, 40000]))
+    ref, out, delta, cost = compare(darknet(name), name, z, truth_array(2, boxes), seen0)
+    assert_array_equal(ref.output, out)
+    assert_array_equal(ref.delta, delta)
+    assert F32(ref.cost) == F32(cost)
+
+
+def test_darknet_printed_statistics() -> None:
+    rng = np.random.default_rng(22)
+    z = rng.normal(0, 1.5, (2, 27, DN_H, DN_W)).astype(F32)
+    truths = [scenario_truth(), np.zeros((2, 150), F32)]
+    engine = DarknetProcess(CFG_DIR / "loss_region.cfg")
+    log = os.open(engine.log_path, os.O_RDONLY)      # keep the log readable after close() unlinks it
+    try:
+        refs = []
+        for truth in truths:
+            run_darknet(engine, z, truth, 20000)
+            refs.append(region_loss(z, truth, rparams(**DN_CFGS["loss_region"]), seen=20002).stats)
+        engine.close()
+        text = os.read(log, 1 << 20).decode(errors="replace")
+    finally:
+        engine.close()
+        os.close(log)
+    pattern = r"Region Avg IOU: (\S+), Class: (\S+), Obj: (\S+), No Obj: (\S+), Avg Recall: (\S+),  count: (\d+)"
+    lines = re.findall(pattern, text)
+    assert len(lines) == 2
+    keys = ("avg_iou", "class", "obj", "no_obj", "recall50", "count")
+    for printed, stats in zip(lines, refs):
+        for key, value in zip(keys, printed):
+            number = float(value)
+            if math.isnan(number):
+                assert math.isnan(stats[key]), key
+            else:
+                assert abs(stats[key] - number) <= 5e-7 + 1e-12, (key, stats[key], number)
+    assert refs[0]["count"] == 5 and lines[1][0] == "-nan"
+
+
+def test_darknet_cpu_backward_propagates_nothing() -> None:
+    """cfg/loss_region_conv.cfg: identity 1x1 linear conv before [region]. The Debian CPU build
+    leaves the conv's δ at 0 after backward (region_grad mode='cpu'), although the region δ is not 0."""
+    rng = np.random.default_rng(23)
+    z = rng.normal(0, 1.5, (2, 27, DN_H, DN_W)).astype(F32)
+    with DarknetProcess(CFG_DIR / "loss_region_conv.cfg") as engine:
+        engine.set_layer_params(1, weights=np.eye(27, dtype=F32).reshape(27, 27, 1, 1), biases=np.zeros(27, F32))
+        engine.set_seen(0)
+        engine.train_datum(np.repeat(np.repeat(z, DN_UP, axis=2), DN_UP, axis=3), scenario_truth())
+        conv_out, conv_delta, region_delta = engine.layer_output(1), engine.layer_delta(1), engine.layer_delta(2)
+    assert_array_equal(conv_out, z)
+    ref = region_loss(z, scenario_truth(), rparams(**DN_CFGS["loss_region"]), seen=2)
+    assert_array_equal(region_delta, ref.delta)
+    assert np.any(region_delta)
+    assert_array_equal(conv_delta, region_grad(ref, 2, mode="cpu"))

@@ -603,3 +603,192 @@ def test_alexeyab_cost_for_iou_losses() -> None:
     assert_allclose(r.cost, 0.75 * r.stats["giou_loss_sum"] / r.stats["count"] + class_loss, rtol=1e-5)
     r = yolo_loss(z, truth, params(flavor="alexeyab"))
     assert_allclose(r.cost, np.sum(r.delta.astype(np.float64) ** 2), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Against the real Darknet (Debian libdarknet.so, pjreddie keys)
+#
+# cfg/loss_yolo*.cfg: [net] 128x96x21, batch 2 -> exact 8x8/8 max-pool -> [yolo] on a 16x12 grid
+# (mask 3,4,5 of 6 anchors, 2 classes). The test feeds z upsampled 8x8, so the layer sees z
+# exactly; one train_network_datum runs forward + backward (+ an update with no parameters),
+# leaving l.output, l.delta and l.cost of the forward. DarknetProcess runs the library in a
+# child process, so its FTZ/DAZ never touches the numpy reference.
+# ------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from d2c.darknet.runtime import DarknetProcess  # noqa: E402
+
+CFG_DIR = Path(__file__).resolve().parents[1] / "cfg"
+DN_H, DN_W, DN_UP = 12, 16, 8
+DN_CFGS = {
+    "loss_yolo": dict(),
+    "loss_yolo_truth_thresh": dict(ignore_thresh=0.3, truth_thresh=0.6),
+    "loss_yolo_max91": dict(max_boxes=91),
+}
+
+
+@pytest.fixture(scope="module")
+def darknet():
+    """One Darknet child process per test cfg, shared by the module."""
+    engines: dict[str, DarknetProcess] = {}
+
+    def get(name: str) -> DarknetProcess:
+        if name not in engines:
+            engines[name] = DarknetProcess(CFG_DIR / f"{name}.cfg")
+        return engines[name]
+
+    yield get
+    for engine in engines.values():
+        engine.close()
+
+
+def dn_params(name: str) -> YoloParams:
+    return params(**DN_CFGS[name])
+
+
+def run_darknet(engine: DarknetProcess, z: np.ndarray, truth: np.ndarray):
+    x = np.repeat(np.repeat(z, DN_UP, axis=2), DN_UP, axis=3)
+    engine.set_seen(0)
+    err = engine.train_datum(x, truth)
+    return engine.layer_output(1), engine.layer_delta(1), engine.layer_cost(1), err
+
+
+def compare(engine: DarknetProcess, name: str, z: np.ndarray, truth: np.ndarray):
+    out, delta, cost, err = run_darknet(engine, z, truth)
+    ref = yolo_loss(z, truth, dn_params(name))
+    assert_allclose(ref.output, out, rtol=1e-6, atol=1e-7)
+    assert_allclose(ref.delta, delta, rtol=1e-6, atol=1e-7)
+    assert_allclose(ref.cost, cost, rtol=1e-6)
+    assert err == cost            # one cost layer: *net->cost is the yolo cost
+    return ref, out, delta, cost
+
+
+def scenario_truth(rng) -> np.ndarray:
+    """Image 0: two truths in one cell (same anchor), truths on unmasked anchors, boxes whose
+    centre sits exactly on cell borders (x·W, y·H integers); image 1: no truth at all."""
+    boxes = [
+        (0.5, 0.5, 0.7, 0.9, 1),          # on a cell border in x and y (8/16, 6/12): cell (8, 6)
+        (0.52, 0.47, 0.74, 0.86, 0),      # cell (8, 5), anchor 3 ...
+        (0.51, 0.46, 0.69, 0.93, 1),      # ... same cell and anchor: overwrites box, multi-label class
+        (0.25, 0.75, 0.08, 0.14, 0),      # anchor 0: not in this layer's mask
+        (0.8, 0.2, 0.2, 0.25, 1),         # anchor 1 or 2: not in the mask
+        (0.125, 1 / 3, 0.9, 0.95, 0),     # borders: 2/16, 4/12; big anchor
+        (0.9, 0.9, 0.3, 0.55, 1),
+        (float(F32(11 / 16)), 0.5, 0.6, 0.3, 0),
+    ]
+    assert best_anchor64(0.08, 0.14) == 0 and best_anchor64(0.2, 0.25) in (1, 2)
+    t = truth_array(2, [boxes, []])
+    return t
+
+
+def test_darknet_scenario_bit_exact(darknet) -> None:
+    rng = np.random.default_rng(11)
+    z = rng.normal(0, 1.5, (2, 21, DN_H, DN_W)).astype(F32)
+    ref, out, delta, cost = compare(darknet("loss_yolo"), "loss_yolo", z, scenario_truth(rng))
+    assert_array_equal(ref.output, out)
+    assert_array_equal(ref.delta, delta)
+    assert F32(ref.cost) == F32(cost)
+    assert ref.stats["count"] == 5
+    # image 1 has no truth: only noobj objectness deltas
+    d1 = delta[1].reshape(3, 7, DN_H, DN_W)
+    assert not np.any(d1[:, [0, 1, 2, 3, 5, 6]])
+
+
+def test_darknet_truth_thresh_below_one(darknet) -> None:
+    rng = np.random.default_rng(12)
+    z = rng.normal(0, 1.0, (2, 21, DN_H, DN_W)).astype(F32)
+    z[:, [2, 3, 9, 10, 16, 17]] = rng.normal(0.3, 0.2, (2, 6, DN_H, DN_W))   # larger predicted boxes
+    truth = scenario_truth(rng)
+    ref, out, delta, cost = compare(darknet("loss_yolo_truth_thresh"), "loss_yolo_truth_thresh", z, truth)
+    base = yolo_loss(z, truth, params(ignore_thresh=0.3))
+    assert np.count_nonzero(ref.delta[:, :, :, :] != base.delta) > 0      # the branch fired
+    assert_array_equal(ref.delta, delta)
+
+
+def test_darknet_90_boxes_and_max_91_reads_the_next_record(darknet) -> None:
+    rng = np.random.default_rng(13)
+    z = rng.normal(0, 1.0, (2, 21, DN_H, DN_W)).astype(F32)
+    img0 = [(rng.uniform(0.02, 0.98), rng.uniform(0.02, 0.98), rng.uniform(0.3, 0.95), rng.uniform(0.3, 0.95),
+             int(rng.integers(0, 2))) for _ in range(90)]
+    img1 = [(0.4, 0.6, 0.8, 0.9, 1), (0.7, 0.3, 0.9, 0.7, 0)]
+    truth = truth_array(2, [img0, img1])
+    r90, _, d90, _ = compare(darknet("loss_yolo"), "loss_yolo", z, truth)
+    r91, _, d91, _ = compare(darknet("loss_yolo_max91"), "loss_yolo_max91", z, truth)
+    assert_array_equal(r90.delta, d90)
+    assert_array_equal(r91.delta, d91)
+    assert np.any(d90 != d91)                    # image 0 trained image 1's first box too
+    assert r91.stats["count"] == r90.stats["count"] + (1 if best_anchor64(0.8, 0.9) in (3, 4, 5) else 0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("name", ["loss_yolo", "loss_yolo_truth_thresh"])
+def test_darknet_random_sweep_bit_exact(darknet, name, seed) -> None:
+    rng = np.random.default_rng(1000 + seed)
+    z = rng.normal(0, rng.uniform(0.5, 4), (2, 21, DN_H, DN_W)).astype(F32)
+    boxes = []
+    for _ in range(2):
+        img = []
+        for _ in range(int(rng.integers(0, 91))):
+            x = rng.integers(1, DN_W) / DN_W if rng.random() < 0.3 else rng.uniform(0, 1)
+            y = rng.integers(1, DN_H) / DN_H if rng.random() < 0.3 else rng.uniform(0, 1)
+            img.append((x, y, rng.uniform(0.001, 1), rng.uniform(0.001, 1), int(rng.integers(0, 2))))
+        boxes.append(img)
+    truth = truth_array(2, boxes)
+    ref, out, delta, cost = compare(darknet(name), name, z, truth)
+    assert_array_equal(ref.output, out)
+    assert_array_equal(ref.delta, delta)
+    assert F32(ref.cost) == F32(cost)
+
+
+def test_darknet_printed_statistics() -> None:
+    """The 'Region N Avg IOU: ...' line Darknet prints equals our stats (6 decimals)."""
+    rng = np.random.default_rng(14)
+    z = rng.normal(0, 1.5, (2, 21, DN_H, DN_W)).astype(F32)
+    truths = [scenario_truth(rng), np.zeros((2, 450), F32)]
+    engine = DarknetProcess(CFG_DIR / "loss_yolo.cfg")
+    log = os.open(engine.log_path, os.O_RDONLY)      # keep the log readable after close() unlinks it
+    try:
+        refs = []
+        for truth in truths:
+            run_darknet(engine, z, truth)
+            refs.append(yolo_loss(z, truth, params()).stats)
+        engine.close()                                 # the child exits and flushes its stdout
+        text = os.read(log, 1 << 20).decode(errors="replace")
+    finally:
+        engine.close()
+        os.close(log)
+    pattern = (r"Region 1 Avg IOU: (\S+), Class: (\S+), Obj: (\S+), No Obj: (\S+), "
+               r"\.5R: (\S+), \.75R: (\S+),  count: (\d+)")
+    lines = re.findall(pattern, text)
+    assert len(lines) == 2
+    keys = ("avg_iou", "class", "obj", "no_obj", "recall50", "recall75", "count")
+    for printed, stats in zip(lines, refs):
+        for key, value in zip(keys, printed):
+            number = float(value)
+            if math.isnan(number):
+                assert math.isnan(stats[key]), key
+            else:
+                assert abs(stats[key] - number) <= 5e-7 + 1e-12, (key, stats[key], number)
+    assert refs[1]["count"] == 0 and lines[1][0] == "-nan"
+
+
+def test_darknet_backward_hands_delta_unchanged_to_the_conv() -> None:
+    """cfg/loss_yolo_conv.cfg: identity 1x1 linear conv before [yolo]. After backward the conv's
+    δ equals the yolo δ bit for bit (no σ′, no scaling), which is why yolo_grad is −δ/b."""
+    rng = np.random.default_rng(15)
+    z = rng.normal(0, 1.5, (2, 21, DN_H, DN_W)).astype(F32)
+    truth = scenario_truth(rng)
+    with DarknetProcess(CFG_DIR / "loss_yolo_conv.cfg") as engine:
+        engine.set_layer_params(1, weights=np.eye(21, dtype=F32).reshape(21, 21, 1, 1), biases=np.zeros(21, F32))
+        x = np.repeat(np.repeat(z, DN_UP, axis=2), DN_UP, axis=3)
+        engine.train_datum(x, truth)
+        conv_out, conv_delta = engine.layer_output(1), engine.layer_delta(1)
+        yolo_delta = engine.layer_delta(2)
+    assert_array_equal(conv_out, z)
+    ref = yolo_loss(z, truth, params())
+    assert_array_equal(yolo_delta, ref.delta)
+    assert_array_equal(conv_delta, ref.delta)
+    assert_array_equal(yolo_grad(ref, 2), -conv_delta / F32(2))
