@@ -117,6 +117,8 @@ def test_bad_inputs_raise_param_error() -> None:
         yolo_loss(np.zeros((1, 21, 4, 4), F32), truth_array(1, [[(0.5, np.nan, 0.3, 0.3, 1)]]), p)
     with pytest.raises(ParamError, match="outside"):
         yolo_loss(np.zeros((1, 21, 4, 4), F32), truth_array(1, [[(0.5, 1.5, 0.9, 0.9, 1)]]), p)
+    with pytest.raises(ParamError, match="numeric"):
+        yolo_loss(np.zeros((1, 21, 4, 4), F32), [["a"] * 450], p)
     with pytest.raises(ParamError, match="batch"):
         yolo_grad(yolo_loss(np.zeros((1, 21, 4, 4), F32), np.zeros((1, 450), F32), p), 0)
 

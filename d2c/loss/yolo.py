@@ -133,7 +133,10 @@ def _parse_json_fields(owner: str, obj: Any, spec: dict[str, str], required: set
 
 def _check_head(z: np.ndarray, n: int, entries: int, what: str) -> np.ndarray:
     """Validate a (b, n·entries, H, W) head and return it as float32 (b, n, entries, H, W)."""
-    arr = np.asarray(z)
+    try:
+        arr = np.asarray(z, dtype=F32)
+    except (TypeError, ValueError) as exc:
+        raise ParamError(f"{what}: input is not a numeric array ({exc})") from None
     if arr.ndim != 4:
         raise ParamError(f"{what}: input must be 4-D (batch, channels, height, width), got shape {arr.shape}")
     b, c, h, w = arr.shape
@@ -146,7 +149,10 @@ def _check_head(z: np.ndarray, n: int, entries: int, what: str) -> np.ndarray:
 
 def _truth_records(truth: np.ndarray, batch: int, what: str) -> np.ndarray:
     """Normalise a truth tensor to (b, K, 5) float32 (a 6th track_id column is dropped)."""
-    arr = np.asarray(truth, dtype=F32)
+    try:
+        arr = np.asarray(truth, dtype=F32)
+    except (TypeError, ValueError) as exc:
+        raise ParamError(f"{what}: truth is not a numeric array ({exc})") from None
     if arr.ndim == 2:
         if arr.shape[1] % 5:
             raise ParamError(f"{what}: truth of shape {arr.shape}: the record length must be a multiple of 5 "
