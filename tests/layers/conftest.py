@@ -216,10 +216,11 @@ class Case:
             self._cache["opencv"] = {i: self._as_darknet(i, got[self.blob(i)]) for i in indices}
         return self._cache["opencv"]
 
-    def darknet(self) -> dict[int, np.ndarray]:
+    def darknet(self, *, any_flavor: bool = False) -> dict[int, np.ndarray]:
         """The real (pjreddie) Darknet's output of every layer, same cfg, .weights and input."""
         if "darknet" not in self._cache:
-            assert self.flavor == "pjreddie", "the Debian Darknet is pjreddie's; use opencv_darknet()"
+            assert any_flavor or self.flavor == "pjreddie", \
+                "the Debian Darknet is pjreddie's; use opencv_darknet() for AlexeyAB cfgs"
             process_cls = _darknet_process()
             outs: dict[int, np.ndarray] = {}
             with process_cls(str(self.cfg_path), str(self.weights_path), batch=self.x.shape[0]) as dn:
@@ -229,11 +230,12 @@ class Case:
             self._cache["darknet"] = outs
         return self._cache["darknet"]
 
-    def opencv_darknet(self) -> dict[int, np.ndarray]:
-        """Every layer's output from cv2.dnn.readNetFromDarknet on the same cfg + .weights.
+    def opencv_darknet(self, index: int) -> np.ndarray:
+        """Layer `index`'s output from cv2.dnn.readNetFromDarknet on the same cfg + .weights.
 
-        Run one image at a time: OpenCV 4.x's Darknet importer mis-shapes some layers
-        (scale_channels) for batches > 1."""
+        All layers are run once and cached; the shape check happens per requested layer, since
+        OpenCV's importer gets some layers' shapes wrong (e.g. route groups over several inputs).
+        One image at a time: OpenCV 4.x's Darknet importer mis-shapes scale_channels for batches > 1."""
         if "opencv_darknet" not in self._cache:
             cv2 = _cv2()
             model = cv2.dnn.readNetFromDarknet(str(self.cfg_path), str(self.weights_path))
@@ -244,9 +246,10 @@ class Case:
                 model.setInput(image[None])
                 per_image.append([np.asarray(o).copy() for o in model.forward([owners[i] for i in wanted])])
             self._cache["opencv_darknet"] = {
-                i: self._as_darknet(i, np.concatenate([outs[k] for outs in per_image], axis=0))
-                for k, i in enumerate(wanted)}
-        return self._cache["opencv_darknet"]
+                i: np.concatenate([outs[k] for outs in per_image], axis=0) for k, i in enumerate(wanted)}
+        raw = self._cache["opencv_darknet"]
+        assert index in raw, f"OpenCV's Darknet importer has no output for layer {index}"
+        return self._as_darknet(index, raw[index])
 
     def _as_darknet(self, index: int, data: np.ndarray) -> np.ndarray:
         """Darknet's flat per-image buffer (or a Caffe blob) as (N, C, H, W) float32."""
@@ -353,9 +356,8 @@ class Bundle:
         out = check_all_engines(self.case, darknet=darknet, layers=self.spans[name], rtol=rtol,
                                 atol_scale=atol_scale)
         if opencv_darknet:
-            cv_dn = self.case.opencv_darknet()
             for i in self.spans[name]:
-                assert_close(out[i], cv_dn[i], f"{name}: layer {i} [{self.case.graph.nodes[i].kind}] "
+                assert_close(out[i], self.case.opencv_darknet(i), f"{name}: layer {i} [{self.case.graph.nodes[i].kind}] "
                                                f"pycaffe vs OpenCV Darknet importer", rtol=rtol,
                              atol_scale=atol_scale)
         return {i: out[i] for i in self.spans[name]}

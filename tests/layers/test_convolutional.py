@@ -183,7 +183,7 @@ def test_alexeyab_activations(alexeyab_bundle, variant):
     # OpenCV's importer normalises with sqrt(var + 1e-6), AlexeyAB with sqrt(var + 1e-5): with
     # variances in [0.5, 2] that is at most 9e-6 relative, hence the wider bound for BN only.
     bound = 2e-5 if bn else RTOL
-    assert_close(caffe, bundle.case.opencv_darknet()[index], f"{variant} pycaffe vs OpenCV Darknet importer",
+    assert_close(caffe, bundle.case.opencv_darknet(index), f"{variant} pycaffe vs OpenCV Darknet importer",
                  rtol=bound, atol_scale=max(bound, ATOL_SCALE))
 
 
