@@ -1,0 +1,646 @@
+"""`d2c detect`: run a converted model with Darknet-exact pre- and post-processing.
+
+Why exact: a port is only trustworthy if the converted model prints the very detections
+Darknet prints. So the input is Darknet's letterbox (d2c.image), and decoding follows
+pjreddie's src/yolo_layer.c, src/region_layer.c, src/network.c (fill_network_boxes),
+src/box.c (do_nms_sort) and src/image.c (draw_detections print order), with the floating
+point of the Debian build: logistic and the w/h exponentials in double, everything else in
+float32 in the same operation order. AlexeyAB heads add scale_x_y and new_coords (its
+src/yolo_layer.c); its logistic is float (expf).
+
+Differences from Darknet, on purpose: unreadable images are an error (Darknet substitutes a
+black 10x10 image), and hierarchical (YOLO9000) region heads are not supported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from d2c.errors import D2CError, DatasetError, EngineError
+from d2c.image import letterbox, letterbox_size, load_image_rgb
+
+F32 = np.float32
+F64 = np.float64
+DARKNET_DATA = Path("/usr/share/darknet/data")
+ENGINES = ("caffe", "opencv")
+
+
+# --------------------------------------------------------------------------------------------
+# Detections
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Detection:
+    """One Darknet `detection`: box relative to the original image, objectness, class probs.
+
+    `prob[j]` is objectness * class probability when that exceeds the threshold, else 0.
+    `classes` is what Darknet stores in det.classes: the head's class count for [yolo], and
+    0 for [region] (get_region_detections never sets it).
+    """
+
+    bbox: np.ndarray          # float32 (4,): x, y, w, h (centre and size), relative
+    objectness: np.float32
+    prob: np.ndarray          # float32 (classes,)
+    classes: int
+    head: int = 0             # position of the producing head in the sidecar (cfg order)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bbox": [float(v) for v in self.bbox], "objectness": float(self.objectness),
+                "prob": [float(v) for v in self.prob], "classes": self.classes, "head": self.head}
+
+
+@dataclass
+class _Batch:
+    """Detections of one head as parallel arrays (decoding is vectorised)."""
+
+    boxes: np.ndarray       # (n, 4) float32
+    objectness: np.ndarray  # (n,) float32
+    probs: np.ndarray       # (n, classes) float32
+    classes: int
+
+
+def logistic_double(x: np.ndarray) -> np.ndarray:
+    """pjreddie's logistic on Debian: 1/(1+exp(-x)) in double, rounded to float once."""
+    return (1.0 / (1.0 + np.exp(-np.asarray(x, dtype=F64)))).astype(F32)
+
+
+def logistic_float(x: np.ndarray) -> np.ndarray:
+    """AlexeyAB's logistic: 1.f/(1.f+expf(-x)), all in float."""
+    x = np.asarray(x, dtype=F32)
+    return (F32(1) / (F32(1) + np.exp(-x))).astype(F32)
+
+
+def softmax_channels(z: np.ndarray) -> np.ndarray:
+    """Darknet's softmax over axis 0 (temperature 1) as Debian's -Ofast build evaluates it.
+
+    e = expf(z - max); the sum is sequential for up to 30 entries, and for more it runs in
+    4 interleaved float lanes (lane l adds entries l, l+4, ...), combined as
+    (l0 + l2) + (l1 + l3), then the remaining n mod 4 entries one by one; finally each e is
+    multiplied by the float reciprocal 1/sum. The vector path uses libmvec's expf, which
+    may differ from the correctly rounded one by an ulp.
+    """
+    z = np.asarray(z, dtype=F32)
+    count = z.shape[0]
+    largest = z.max(axis=0)
+    e = np.exp((z - largest).astype(F64)).astype(F32)
+    if count <= 30:
+        total = e[0].copy()
+        for k in range(1, count):
+            total += e[k]
+    else:
+        body = count - count % 4
+        lanes = [np.zeros_like(e[0]) for _ in range(4)]
+        for k in range(body):
+            lanes[k % 4] += e[k]
+        total = (lanes[0] + lanes[2]) + (lanes[1] + lanes[3])
+        for k in range(body, count):
+            total += e[k]
+    return (e * (F32(1) / total)).astype(F32)
+
+
+def _correct_boxes(boxes: np.ndarray, im_w: int, im_h: int, net_w: int, net_h: int,
+                   alexeyab: bool) -> np.ndarray:
+    """Undo the letterbox (correct_yolo_boxes / correct_region_boxes, relative=1).
+
+    x, y: (x - (net - new)/2./net) / ((float)new/net), evaluated in double and rounded to
+    float. Debian's -Ofast build multiplies by the double reciprocal of the float ratio, so
+    we do too. w, h: multiplied by the float (float)net/new (AlexeyAB: 1/ratio). Debian's
+    build computes that quotient with rcpps plus one Newton step, whose result depends on
+    the CPU model, so w and h can differ from Darknet's by 1 ulp when new != net.
+    """
+    new_w, new_h = letterbox_size(im_w, im_h, net_w, net_h)
+    out = np.empty_like(boxes)
+    ratio_w = F32(new_w) / F32(net_w)
+    ratio_h = F32(new_h) / F32(net_h)
+    shift_x = F64(net_w - new_w) * 0.5 / F64(net_w)
+    shift_y = F64(net_h - new_h) * 0.5 / F64(net_h)
+    out[:, 0] = ((boxes[:, 0].astype(F64) - shift_x) * (1.0 / F64(ratio_w))).astype(F32)
+    out[:, 1] = ((boxes[:, 1].astype(F64) - shift_y) * (1.0 / F64(ratio_h))).astype(F32)
+    if alexeyab:
+        scale_w, scale_h = F32(1) / ratio_w, F32(1) / ratio_h
+    else:
+        scale_w, scale_h = F32(net_w) / F32(new_w), F32(net_h) / F32(new_h)
+    out[:, 2] = boxes[:, 2] * scale_w
+    out[:, 3] = boxes[:, 3] * scale_h
+    return out
+
+
+def _head_input(outputs: dict[str, np.ndarray], head: dict[str, Any]) -> np.ndarray:
+    """The raw (C, H, W) float32 input of one head, checked against the sidecar."""
+    blob = head["blob"]
+    if blob not in outputs:
+        raise EngineError(f"the network produced no blob '{blob}' (head of layer {head.get('index')}); "
+                          f"got {sorted(outputs)}")
+    raw = np.asarray(outputs[blob], dtype=F32)
+    if raw.ndim == 4:
+        if raw.shape[0] != 1:
+            raise EngineError(f"blob '{blob}': batch {raw.shape[0]}, expected 1")
+        raw = raw[0]
+    if list(raw.shape) != list(head["shape"]):
+        raise EngineError(f"blob '{blob}' has shape {list(raw.shape)}, the sidecar says {head['shape']}")
+    return raw
+
+
+def _decode_yolo(raw: np.ndarray, head: dict[str, Any], net_w: int, net_h: int, thresh: F32,
+                 alexeyab: bool) -> _Batch:
+    """get_yolo_detections: cell-major (row, col, anchor) for objectness > thresh."""
+    classes = int(head["classes"])
+    mask = [int(m) for m in head["mask"]]
+    anchors = np.asarray(head["anchors"], dtype=F32)   # (float)atof, as Darknet stores them
+    scale_x_y = float(head.get("scale_x_y", 1.0))
+    new_coords = int(head.get("new_coords", 0))
+    n = len(mask)
+    _, lh, lw = raw.shape
+    out = raw.reshape(n, 5 + classes, lh, lw).copy()
+    if alexeyab:
+        if not new_coords:
+            out[:, 0:2] = logistic_float(out[:, 0:2])
+            out[:, 4:] = logistic_float(out[:, 4:])
+        # scal_add_cpu(x, ALPHA=s, BETA=(float)(-0.5*(s-1))): x*s + beta in float.
+        out[:, 0:2] = out[:, 0:2] * F32(scale_x_y) + F32(-0.5 * (scale_x_y - 1.0))
+    else:
+        out[:, 0:2] = logistic_double(out[:, 0:2])
+        out[:, 4:] = logistic_double(out[:, 4:])
+
+    # (cell, anchor) order: transpose the anchor axis inside the cell axis.
+    flat = out.reshape(n, 5 + classes, lh * lw).transpose(2, 0, 1)     # (cells, n, entries)
+    objectness = flat[:, :, 4]
+    cell, slot = np.nonzero(objectness > thresh)
+    sel = flat[cell, slot]                                               # (k, entries)
+    col = (cell % lw).astype(F32)
+    row = (cell // lw).astype(F32)
+    boxes = np.empty((len(cell), 4), dtype=F32)
+    boxes[:, 0] = (col + sel[:, 0]) / F32(lw)
+    boxes[:, 1] = (row + sel[:, 1]) / F32(lh)
+    anchor_idx = np.asarray(mask, dtype=np.int64)[slot]
+    anchor_w = anchors[2 * anchor_idx]
+    anchor_h = anchors[2 * anchor_idx + 1]
+    if new_coords:
+        boxes[:, 2] = sel[:, 2] * sel[:, 2] * F32(4) * anchor_w / F32(net_w)
+        boxes[:, 3] = sel[:, 3] * sel[:, 3] * F32(4) * anchor_h / F32(net_h)
+    else:
+        boxes[:, 2] = (np.exp(sel[:, 2].astype(F64)) * anchor_w.astype(F64) / F64(net_w)).astype(F32)
+        boxes[:, 3] = (np.exp(sel[:, 3].astype(F64)) * anchor_h.astype(F64) / F64(net_h)).astype(F32)
+    obj = sel[:, 4].astype(F32)
+    probs = obj[:, None] * sel[:, 5:]
+    probs = np.where(probs > thresh, probs, F32(0)).astype(F32)
+    return _Batch(boxes=boxes, objectness=obj, probs=probs, classes=classes)
+
+
+def _decode_region(raw: np.ndarray, head: dict[str, Any], thresh: F32) -> _Batch:
+    """get_region_detections: every (anchor, row, col), anchor-major; det.classes stays 0."""
+    classes = int(head["classes"])
+    coords = int(head.get("coords", 4))
+    num = int(head["num"])
+    softmax = int(head.get("softmax", 0))
+    background = int(head.get("background", 0))
+    if head.get("tree") or head.get("map"):
+        raise D2CError("hierarchical (YOLO9000) region heads are not supported by d2c detect")
+    anchors = np.asarray(head["anchors"], dtype=F32)
+    _, lh, lw = raw.shape
+    entries = coords + classes + 1
+    z = raw.reshape(num, entries, lh, lw)
+    out = z.copy()
+    out[:, 0:2] = logistic_double(out[:, 0:2])
+    if not background:
+        out[:, coords] = logistic_double(out[:, coords])
+    if not softmax:
+        out[:, coords + 1:] = logistic_double(out[:, coords + 1:])
+    else:
+        start = coords + (0 if background else 1)
+        count = classes + background
+        soft = softmax_channels(np.moveaxis(z[:, start:start + count], 1, 0))
+        out[:, start:start + count] = np.moveaxis(soft, 0, 1)
+
+    flat = out.reshape(num, entries, lh * lw).transpose(0, 2, 1).reshape(num * lh * lw, entries)
+    cell = np.tile(np.arange(lh * lw), num)
+    slot = np.repeat(np.arange(num), lh * lw)
+    col = (cell % lw).astype(F32)
+    row = (cell // lw).astype(F32)
+    boxes = np.empty((len(cell), 4), dtype=F32)
+    boxes[:, 0] = (col + flat[:, 0]) / F32(lw)
+    boxes[:, 1] = (row + flat[:, 1]) / F32(lh)
+    # Region anchors are in grid cells: divided by the layer size, not the network size.
+    boxes[:, 2] = (np.exp(flat[:, 2].astype(F64)) * anchors[2 * slot].astype(F64) / F64(lw)).astype(F32)
+    boxes[:, 3] = (np.exp(flat[:, 3].astype(F64)) * anchors[2 * slot + 1].astype(F64) / F64(lh)).astype(F32)
+    scale = np.ones(len(cell), dtype=F32) if background else flat[:, coords].astype(F32)
+    objectness = np.where(scale > thresh, scale, F32(0)).astype(F32)
+    # Class j is read at entry coords+1+j even with background=1 (Darknet's own indexing).
+    probs = scale[:, None] * flat[:, coords + 1:coords + 1 + classes]
+    probs = np.where((probs > thresh) & (objectness[:, None] != 0), probs, F32(0)).astype(F32)
+    return _Batch(boxes=boxes, objectness=objectness, probs=probs, classes=0)
+
+
+def decode_heads(outputs: dict[str, np.ndarray], sidecar: dict[str, Any], im_w: int, im_h: int,
+                 thresh: float, hier: float = 0.5) -> list[Detection]:
+    """Darknet's get_network_boxes(relative=1) over the raw head inputs, in its order.
+
+    `outputs` maps the sidecar's head blob names to (1, C, H, W) arrays; `im_w, im_h` is the
+    original image size. `hier` only matters for hierarchical heads, which are rejected.
+    """
+    heads = sidecar.get("heads") or []
+    if not heads:
+        raise D2CError("the model has no [yolo] or [region] head to decode")
+    net_w, net_h = int(sidecar["input"]["width"]), int(sidecar["input"]["height"])
+    alexeyab = sidecar.get("flavor") == "alexeyab"
+    thresh32 = F32(thresh)
+    # make_network_boxes sizes every prob array by the *last* layer's class count.
+    alloc = int(heads[-1]["classes"])
+    dets: list[Detection] = []
+    for position, head in enumerate(heads):
+        raw = _head_input(outputs, head)
+        if head["kind"] == "yolo":
+            batch = _decode_yolo(raw, head, net_w, net_h, thresh32, alexeyab)
+        elif head["kind"] == "region":
+            batch = _decode_region(raw, head, thresh32)
+        else:
+            raise D2CError(f"cannot decode a '{head['kind']}' head")
+        width = batch.probs.shape[1]
+        if width > alloc:
+            raise D2CError(f"head {position} has {width} classes but the last head only {alloc}; "
+                           "Darknet would overflow its probability arrays")
+        probs = np.zeros((batch.probs.shape[0], alloc), dtype=F32)
+        probs[:, :width] = batch.probs
+        boxes = _correct_boxes(batch.boxes, im_w, im_h, net_w, net_h, alexeyab and head["kind"] == "yolo")
+        for k in range(boxes.shape[0]):
+            dets.append(Detection(bbox=boxes[k], objectness=F32(batch.objectness[k]), prob=probs[k],
+                                  classes=batch.classes, head=position))
+    return dets
+
+
+# --------------------------------------------------------------------------------------------
+# NMS
+# --------------------------------------------------------------------------------------------
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """box.c box_iou of box `a` (4,) against boxes `b` (n, 4), in float32 like Darknet."""
+    a = np.asarray(a, dtype=F32)
+    b = np.asarray(b, dtype=F32).reshape(-1, 4)
+    half = F32(0.5)
+
+    def overlap(x1: F32, w1: F32, x2: np.ndarray, w2: np.ndarray) -> np.ndarray:
+        l1, l2 = x1 - w1 * half, x2 - w2 * half
+        left = np.where(l1 > l2, l1, l2)
+        r1, r2 = x1 + w1 * half, x2 + w2 * half
+        right = np.where(r1 < r2, r1, r2)
+        return right - left
+
+    ow = overlap(a[0], a[2], b[:, 0], b[:, 2])
+    oh = overlap(a[1], a[3], b[:, 1], b[:, 3])
+    inter = np.where((ow < 0) | (oh < 0), F32(0), ow * oh)
+    union = (a[2] * a[3] + b[:, 2] * b[:, 3]) - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (inter / union).astype(F32)
+
+
+def do_nms_sort(dets: list[Detection], classes: int, nms: float) -> list[Detection]:
+    """box.c do_nms_sort, returning the detections in Darknet's final order.
+
+    Darknet first moves zero-objectness detections to the end by swapping (which permutes
+    the rest), then for each class stable-sorts the others by that class's probability
+    (glibc's qsort is a merge sort) and zeroes the probability of every later box that
+    overlaps a kept one by IoU > nms. The input list is not modified.
+    """
+    count = len(dets)
+    if count == 0:
+        return []
+    nms32 = F32(nms)
+    boxes = np.stack([d.bbox for d in dets]).astype(F32)
+    objectness = np.array([d.objectness for d in dets], dtype=F32)
+    probs = np.stack([np.asarray(d.prob, dtype=F32) for d in dets]).copy()
+    order = list(range(count))
+    last = count - 1
+    i = 0
+    while i <= last:
+        if objectness[order[i]] == 0:
+            order[i], order[last] = order[last], order[i]
+            last -= 1
+        else:
+            i += 1
+    total = last + 1
+    perm = np.asarray(order, dtype=np.int64)
+    for k in range(min(classes, probs.shape[1])):
+        head = perm[:total]
+        key = probs[head, k]
+        perm[:total] = head[np.argsort(-key, kind="stable")]
+        kept = int(np.count_nonzero(probs[perm[:total], k]))   # non-zero ones sort first
+        for pos in range(kept):
+            current = perm[pos]
+            if probs[current, k] == 0:
+                continue
+            later = perm[pos + 1:kept]
+            if later.size == 0:
+                break
+            overlapping = box_iou(boxes[current], boxes[later]) > nms32
+            probs[later[overlapping], k] = 0
+    return [Detection(bbox=dets[j].bbox.copy(), objectness=dets[j].objectness, prob=probs[j],
+                      classes=dets[j].classes, head=dets[j].head) for j in perm.tolist()]
+
+
+def detections_to_json(dets: list[Detection], thresh: float) -> list[dict[str, Any]]:
+    """One entry per (box, class) with prob > thresh, in draw_detections' print order."""
+    thresh32 = F32(thresh)
+    rows: list[dict[str, Any]] = []
+    for det in dets:
+        for j in np.nonzero(np.asarray(det.prob, dtype=F32) > thresh32)[0].tolist():
+            rows.append({"class": int(j), "score": float(det.prob[j]),
+                         "box": [float(v) for v in det.bbox]})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Models and engines
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelFiles:
+    """A converted model: the Caffe files plus the decoding sidecar."""
+
+    prototxt: Path
+    caffemodel: Path
+    sidecar_path: Path
+    sidecar: dict[str, Any]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return int(self.sidecar["input"]["width"]), int(self.sidecar["input"]["height"])
+
+    @property
+    def classes(self) -> int:
+        return int(self.sidecar["heads"][-1]["classes"])
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise D2CError(f"{path}: cannot read the sidecar ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise D2CError(f"{path}: not a valid JSON sidecar ({exc})") from None
+    if not isinstance(data, dict) or "d2c_sidecar" not in data:
+        raise D2CError(f"{path}: not a d2c sidecar (no 'd2c_sidecar' key)")
+    problems = [f"missing key '{k}'" for k in ("input", "heads") if k not in data]
+    if not problems:
+        if not all(k in data["input"] for k in ("width", "height")):
+            problems.append("'input' needs width and height")
+        for i, head in enumerate(data["heads"]):
+            missing = [k for k in ("kind", "blob", "shape", "classes", "anchors") if k not in head]
+            if missing:
+                problems.append(f"heads[{i}] lacks {', '.join(missing)}")
+    if problems:
+        raise D2CError(f"{path}: malformed d2c sidecar", problems)
+    return data
+
+
+def load_model_files(model: str | Path) -> ModelFiles:
+    """Resolve MODEL (a `d2c convert` output directory or its .prototxt) to its three files."""
+    path = Path(model)
+    if path.is_dir():
+        sidecars = []
+        for candidate in sorted(path.glob("*.json")):
+            try:
+                if "d2c_sidecar" in json.loads(candidate.read_text(encoding="utf-8")):
+                    sidecars.append(candidate)
+            except (OSError, ValueError, TypeError):
+                continue
+        if not sidecars:
+            raise D2CError(f"{path}: no d2c sidecar (.json) here; is this a `d2c convert` output directory?")
+        if len(sidecars) > 1:
+            raise D2CError(f"{path}: several converted models here ({', '.join(s.name for s in sidecars)}); "
+                           "pass the .prototxt of the one to use")
+        sidecar_path = sidecars[0]
+    elif path.suffix == ".prototxt":
+        if not path.is_file():
+            raise D2CError(f"{path}: no such prototxt")
+        sidecar_path = path.with_suffix(".json")
+        if not sidecar_path.is_file():
+            raise D2CError(f"{path}: its sidecar {sidecar_path.name} is missing beside it")
+    elif not path.exists():
+        raise D2CError(f"{path}: no such model directory or .prototxt")
+    else:
+        raise D2CError(f"{path}: expected a `d2c convert` output directory or a .prototxt")
+    sidecar = _read_sidecar(sidecar_path)
+    base = sidecar_path.parent
+    prototxt = path if path.suffix == ".prototxt" else base / sidecar.get("prototxt", sidecar_path.stem + ".prototxt")
+    caffemodel = base / sidecar.get("caffemodel", sidecar_path.stem + ".caffemodel")
+    for needed in (prototxt, caffemodel):
+        if not needed.is_file():
+            raise D2CError(f"{needed}: missing (named by the sidecar {sidecar_path})")
+    return ModelFiles(prototxt=prototxt, caffemodel=caffemodel, sidecar_path=sidecar_path, sidecar=sidecar)
+
+
+def _output_layers(prototxt: Path, blobs: list[str]) -> list[str]:
+    """OpenCV's forward() wants layer names: the last layer writing each head blob."""
+    from d2c.caffe.proto import parse_prototxt
+    net = parse_prototxt(prototxt.read_text(encoding="utf-8"), str(prototxt))
+    writer: dict[str, str] = {}
+    for layer in net.get("layer", []):
+        for top in layer.get("top", []):
+            writer[top] = layer.get("name", top)
+    return [writer.get(b, b) for b in blobs]
+
+
+class Engine:
+    """A loaded converted network on pycaffe or OpenCV; forward() returns the head inputs."""
+
+    def __init__(self, files: ModelFiles, engine: str = "caffe") -> None:
+        if engine not in ENGINES:
+            raise D2CError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
+        self.files = files
+        self.engine = engine
+        self.blobs = [h["blob"] for h in files.sidecar["heads"]]
+        self.input_name = files.sidecar["input"].get("name", "data")
+        try:
+            if engine == "caffe":
+                from d2c.engines import import_caffe
+                caffe = import_caffe()
+                self._net = caffe.Net(str(files.prototxt), str(files.caffemodel), caffe.TEST)
+            else:
+                from d2c.engines import import_cv2
+                cv2 = import_cv2()
+                self._net = cv2.dnn.readNetFromCaffe(str(files.prototxt), str(files.caffemodel))
+                self._net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+                self._net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+                self._layers = _output_layers(files.prototxt, self.blobs)
+        except D2CError:
+            raise
+        except Exception as exc:  # engines raise their own types (RuntimeError, cv2.error)
+            raise EngineError(f"{engine} could not load {files.prototxt} + {files.caffemodel}: "
+                              f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}") from None
+
+    def forward(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """(3, H, W) letterboxed input -> {head blob: (1, C, H, W) float32}."""
+        batch = np.ascontiguousarray(tensor[None], dtype=F32)
+        try:
+            if self.engine == "caffe":
+                self._net.blobs[self.input_name].data[...] = batch
+                self._net.forward()
+                return {b: np.array(self._net.blobs[b].data, dtype=F32, copy=True) for b in self.blobs}
+            self._net.setInput(batch, self.input_name)
+            outs = self._net.forward(self._layers)
+            return {b: np.array(o, dtype=F32, copy=True) for b, o in zip(self.blobs, outs, strict=True)}
+        except Exception as exc:
+            raise EngineError(f"{self.engine} forward failed on {self.files.prototxt}: {exc}") from None
+
+    def detect(self, image_path: str | Path, thresh: float = 0.25, hier: float = 0.5,
+               nms: float = 0.45) -> tuple[list[Detection], tuple[int, int]]:
+        """Darknet's test_detector for one image: letterbox, forward, boxes, do_nms_sort."""
+        image = load_image_rgb(image_path)
+        _, im_h, im_w = image.shape
+        net_w, net_h = self.files.input_size
+        outputs = self.forward(letterbox(image, net_w, net_h))
+        dets = decode_heads(outputs, self.files.sidecar, im_w, im_h, thresh, hier)
+        if nms:
+            dets = do_nms_sort(dets, self.files.classes, nms)
+        return dets, (im_w, im_h)
+
+
+def run_model(model_dir: str | Path, image_path: str | Path, engine: str = "caffe") -> dict[str, np.ndarray]:
+    """Letterbox one image and return the raw head inputs {blob: (1, C, H, W)}."""
+    net = Engine(load_model_files(model_dir), engine)
+    image = load_image_rgb(image_path)
+    return net.forward(letterbox(image, *net.files.input_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Names, drawing, CLI
+# --------------------------------------------------------------------------------------------
+
+def class_names(classes: int, names_file: str | Path | None = None) -> list[str]:
+    """--names, else Darknet's COCO (80) or VOC (20) list, else the class numbers."""
+    path: Path | None = Path(names_file) if names_file else None
+    if path is None:
+        path = {80: DARKNET_DATA / "coco.names", 20: DARKNET_DATA / "voc.names"}.get(classes)
+        if path is None or not path.is_file():
+            return [str(i) for i in range(classes)]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read class names ({exc.strerror or exc})") from None
+    names = [line.strip() for line in lines if line.strip()]
+    return [names[i] if i < len(names) else str(i) for i in range(classes)]
+
+
+def pixel_box(bbox: np.ndarray, im_w: int, im_h: int) -> tuple[int, int, int, int]:
+    """draw_detections' integer box: (int)((x -+ w/2.)*W) in double, clamped to the image."""
+    x, y, w, h = (float(v) for v in bbox)
+    left = max(int((x - w / 2.0) * im_w), 0)
+    right = min(int((x + w / 2.0) * im_w), im_w - 1)
+    top = max(int((y - h / 2.0) * im_h), 0)
+    bot = min(int((y + h / 2.0) * im_h), im_h - 1)
+    return left, top, right, bot
+
+
+def class_color(cls: int, classes: int) -> tuple[int, int, int]:
+    """A colour per class on a magenta-blue-cyan-green-yellow-red ramp, like Darknet's (BGR bytes)."""
+    ramp = ((1, 0, 1), (0, 0, 1), (0, 1, 1), (0, 1, 0), (1, 1, 0), (1, 0, 0))  # RGB stops
+    offset = (cls * 123457) % max(classes, 1)
+    pos = offset / max(classes, 1) * (len(ramp) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    frac = pos - lo
+    rgb = [(1 - frac) * ramp[lo][c] + frac * ramp[hi][c] for c in range(3)]
+    return int(rgb[2] * 255), int(rgb[1] * 255), int(rgb[0] * 255)
+
+
+def draw(image_path: str | Path, dets: list[Detection], names: list[str], out_png: str | Path,
+         thresh: float = 0.25) -> Path:
+    """Write a PNG of the image with a labelled box per detection above thresh (atomically)."""
+    from d2c.engines import import_cv2
+    from d2c.fsutil import atomic_write_bytes
+    cv2 = import_cv2()
+    raw = np.fromfile(Path(image_path), dtype=np.uint8)
+    canvas = cv2.imdecode(raw, cv2.IMREAD_COLOR)
+    if canvas is None:
+        raise DatasetError(f"{image_path}: not an image OpenCV can decode")
+    im_h, im_w = canvas.shape[:2]
+    thresh32 = F32(thresh)
+    width = max(int(im_h * 0.006), 1)
+    for det in dets:
+        hits = np.nonzero(np.asarray(det.prob, dtype=F32) > thresh32)[0].tolist()
+        if not hits:
+            continue
+        label = ", ".join(names[j] if j < len(names) else str(j) for j in hits)
+        color = class_color(hits[0], len(names))
+        left, top, right, bot = pixel_box(det.bbox, im_w, im_h)
+        cv2.rectangle(canvas, (left, top), (right, bot), color, width)
+        scale = max(im_h * 0.03 / 22.0, 0.4)
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        y0 = max(top - th - base, 0)
+        cv2.rectangle(canvas, (left, y0), (left + tw + 2, y0 + th + base), color, -1)
+        cv2.putText(canvas, label, (left + 1, y0 + th), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    ok, encoded = cv2.imencode(".png", canvas)
+    if not ok:
+        raise EngineError(f"OpenCV could not encode {out_png} as PNG")
+    out = Path(out_png)
+    atomic_write_bytes(out, encoded.tobytes())
+    return out
+
+
+def _output_paths(images: list[str], out: str | None) -> list[Path | None]:
+    """-o: the PNG for one image, a directory of <stem>.png for several."""
+    if not out:
+        return [None] * len(images)
+    if len(images) == 1 and not Path(out).is_dir():
+        return [Path(out)]
+    seen: dict[str, int] = {}
+    paths: list[Path | None] = []
+    for image in images:
+        stem = Path(image).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        suffix = "" if seen[stem] == 1 else f"_{seen[stem]}"
+        paths.append(Path(out) / f"{stem}{suffix}.png")
+    return paths
+
+
+def run_detect_cli(args: argparse.Namespace) -> int:
+    """`d2c detect`: a table per image (class, score %, box in pixels) or JSON on stdout."""
+    for value, name in ((args.thresh, "--thresh"), (args.hier, "--hier"), (args.nms, "--nms")):
+        if not (math.isfinite(value) and 0 <= value <= 1):
+            raise D2CError(f"{name} {value}: must be between 0 and 1")
+    for image in args.images:     # fail fast, before loading a model
+        if not Path(image).is_file():
+            raise DatasetError(f"{image}: image not found")
+    files = load_model_files(args.model)
+    names = class_names(files.classes, args.names)
+    engine = Engine(files, args.engine)
+    records: list[dict[str, Any]] = []
+    for image, png in zip(args.images, _output_paths(args.images, args.out), strict=True):
+        start = time.perf_counter()
+        dets, (im_w, im_h) = engine.detect(image, args.thresh, args.hier, args.nms)
+        seconds = time.perf_counter() - start
+        rows = detections_to_json(dets, args.thresh)
+        for row in rows:
+            row["name"] = names[row["class"]]
+            row["box_px"] = list(pixel_box(np.asarray(row["box"], dtype=F32), im_w, im_h))
+        records.append({"image": str(image), "width": im_w, "height": im_h, "engine": args.engine,
+                        "detections": rows})
+        if png is not None:
+            draw(image, dets, names, png, args.thresh)
+        if not args.json:
+            _print_table(image, rows, seconds, args.engine, png)
+    if args.json:
+        json.dump(records, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    return 0
+
+
+def _print_table(image: str, rows: list[dict[str, Any]], seconds: float, engine: str,
+                 png: Path | None) -> None:
+    print(f"{image}: {len(rows)} detection{'s' if len(rows) != 1 else ''} ({engine}, {seconds:.3f} s)")
+    if rows:
+        width = max(12, *(len(r["name"]) for r in rows))
+        print(f"  {'class':<{width}} {'score':>6}  {'left':>5} {'top':>5} {'right':>5} {'bottom':>6}")
+        for r in rows:
+            left, top, right, bot = r["box_px"]
+            print(f"  {r['name']:<{width}} {r['score'] * 100:5.0f}%  {left:5d} {top:5d} {right:5d} {bot:6d}")
+    if png is not None:
+        print(f"  wrote {png}")
