@@ -62,9 +62,9 @@ class Activation(LayerConverter):
 
     def build(self, sec: Section, graph: GraphBuilder) -> Node:
         prev, shape = graph.previous(sec)
+        refuse_zeroing_activation(sec, sec.get_str("activation", "linear"), graph.flavor)
         warnings: list[str] = []
         act = read_activation(sec, "linear", graph.flavor, warnings)
-        refuse_zeroing_activation(sec, act, graph.flavor)
         return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev], in_shapes=[shape],
                     out_shape=shape, attrs={"activation": act, "warnings": warnings})
 

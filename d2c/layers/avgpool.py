@@ -1,8 +1,9 @@
 """[avgpool]: Darknet's global average (C x H x W -> C x 1 x 1), i.e. Pooling AVE global.
 
-Darknet sums each channel's H*W values in order and divides once; Caffe's AVE pooling with
-global_pooling does the same sum-then-divide over a window that covers the map, so only the
-summation order of the float adds can differ (about 1 ulp per add).
+Darknet sums each channel's H*W values in order and divides once (the Debian -Ofast build
+turns the division into a multiplication by the float reciprocal 1/(H*W), measured bit-exact);
+Caffe's AVE pooling with global_pooling sums over a window covering the map and divides, so
+results agree to an ulp or two.
 """
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def avgpool_reference(x: np.ndarray) -> np.ndarray:
-    """numpy reference of forward_avgpool_layer on a (N, C, H, W) array: float sums in order."""
+    """numpy reference of the Debian build's forward_avgpool_layer on (N, C, H, W): float sums in
+    index order, then times the float reciprocal of H*W (-Ofast's -freciprocal-math)."""
     n, c, h, w = x.shape
     flat = x.reshape(n, c, h * w).astype(np.float32)
     total = np.zeros((n, c), np.float32)
     for i in range(h * w):
         total += flat[:, :, i]
-    return (total / np.float32(h * w)).reshape(n, c, 1, 1)
+    return (total * np.float32(1.0 / (h * w))).reshape(n, c, 1, 1)
 
 
 @register

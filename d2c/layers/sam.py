@@ -40,9 +40,9 @@ class Sam(LayerConverter):
         if shape != prev_shape:
             raise CfgError(f"{sec.where_key('from')}: layer {source} is {'x'.join(map(str, shape))} but the "
                            f"previous layer is {'x'.join(map(str, prev_shape))}; [sam] needs equal shapes")
+        refuse_zeroing_activation(sec, sec.get_str("activation", "linear"), graph.flavor)
         warnings: list[str] = []
         act = read_activation(sec, "linear", graph.flavor, warnings)
-        refuse_zeroing_activation(sec, act, graph.flavor)
         return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev, source],
                     in_shapes=[prev_shape, shape], out_shape=shape,
                     attrs={"activation": act, "warnings": warnings})

@@ -56,9 +56,9 @@ class ScaleChannels(LayerConverter):
         if scale_wh and not (c == 1 and (h, w) == (h2, w2)):
             raise CfgError(f"{sec.where_key('scale_wh')}: the previous layer must be 1x{h2}x{w2} (one scale "
                            f"per pixel of layer {source}), got {c}x{h}x{w}")
+        refuse_zeroing_activation(sec, sec.get_str("activation", "linear"), graph.flavor)
         warnings: list[str] = []
         act = read_activation(sec, "linear", graph.flavor, warnings)
-        refuse_zeroing_activation(sec, act, graph.flavor)
         return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev, source],
                     in_shapes=[(c, h, w), (c2, h2, w2)], out_shape=(c2, h2, w2),
                     attrs={"scale_wh": scale_wh, "activation": act, "warnings": warnings})

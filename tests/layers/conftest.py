@@ -105,6 +105,43 @@ def _darknet_process() -> Any:
     return DarknetProcess
 
 
+# The Debian (pjreddie) make_batchnorm_layer never allocates l.x / l.x_norm on the CPU, yet
+# forward_batchnorm_layer copies its input into l.x on every call: a stand-alone [batchnorm]
+# segfaults the real Darknet even at inference. Inference never *reads* those buffers, so the
+# child below gives them scratch memory before forward; everything Darknet computes is unchanged.
+_BN_SCRATCH_CHILD = r"""
+import ctypes, sys
+import numpy as np
+from d2c.darknet.runtime import DarknetNet
+cfg, weights, x_path, out_path = sys.argv[1:5]
+x = np.load(x_path)
+with DarknetNet(cfg, weights, batch=x.shape[0], quiet=True) as net:
+    libc = ctypes.CDLL(None)
+    libc.calloc.restype = ctypes.c_void_p
+    for i in range(net.n_layers):
+        layer = net.net.layers[i]
+        if net.lib.layer_type(layer.type) == "BATCHNORM" and not layer.x:
+            count = layer.outputs * layer.batch
+            for name in ("x", "x_norm"):   # calloc'd: free_network frees them like its own
+                setattr(layer, name, ctypes.cast(libc.calloc(count, 4), type(layer.x)))
+    net.forward(x)
+    np.savez(out_path, *[net.layer_output(i) for i in range(net.n_layers)])
+"""
+
+
+def run_darknet_with_bn_scratch(cfg: Path, weights: Path, x: np.ndarray, directory: Path) -> list[np.ndarray]:
+    """Every layer's output from the real Darknet in a child process, with [batchnorm] scratch buffers."""
+    import subprocess
+    import sys
+    x_path, out_path = directory / "darknet_input.npy", directory / "darknet_outputs.npz"
+    np.save(x_path, x)
+    done = subprocess.run([sys.executable, "-c", _BN_SCRATCH_CHILD, str(cfg), str(weights), str(x_path),
+                           str(out_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"Darknet child failed ({done.returncode}): {done.stderr[-2000:]}"
+    with np.load(out_path) as saved:
+        return [saved[f"arr_{k}"] for k in range(len(saved.files))]
+
+
 def write_net(net: CaffeNet, directory: Path, stem: str) -> tuple[Path, Path]:
     """prototxt + caffemodel on disk, exactly as `d2c convert` writes them."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -152,10 +189,15 @@ def opencv_darknet_layers(names: list[str]) -> dict[int, str]:
 
 
 def run_opencv_caffe(net: CaffeNet, prototxt: Path, caffemodel: Path, x: np.ndarray,
-                     blobs: list[str]) -> dict[str, np.ndarray]:
-    """Forward `x` with cv2.dnn.readNetFromCaffe on the written files; outputs per blob name."""
+                     blobs: list[str], *, fusion: bool = True) -> dict[str, np.ndarray]:
+    """Forward `x` with cv2.dnn.readNetFromCaffe on the written files; outputs per blob name.
+
+    OpenCV 4.x returns wrong values when asked for an *intermediate* output that its layer
+    fusion swallowed (e.g. a Scale fused into a BatchNorm that feeds another BatchNorm), so
+    per-layer comparisons run with fusion off and the net's real outputs with fusion on."""
     cv2 = _cv2()
     model = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
+    model.enableFusion(fusion)
     model.setInput(x)
     names = [last_writer(net, b) for b in blobs]
     outs = model.forward(names)
@@ -208,26 +250,43 @@ class Case:
         return self._cache["caffe"]
 
     def opencv(self) -> dict[int, np.ndarray]:
-        """OpenCV (Caffe importer) output of every Darknet layer whose blob is not the input."""
+        """OpenCV (Caffe importer, fusion off) output of every Darknet layer whose blob is not the input."""
         if "opencv" not in self._cache:
             indices = [i for i in self.indices if self.blob(i) != "data"]
             names = sorted({self.blob(i) for i in indices})
-            got = run_opencv_caffe(self.net, self.prototxt, self.caffemodel, self.x, names)
+            got = run_opencv_caffe(self.net, self.prototxt, self.caffemodel, self.x, names, fusion=False)
             self._cache["opencv"] = {i: self._as_darknet(i, got[self.blob(i)]) for i in indices}
         return self._cache["opencv"]
+
+    def net_outputs(self) -> list[str]:
+        """Blobs no Caffe layer reads: what a user of the converted model gets."""
+        read = {b for layer in self.net.layers for b in layer.bottom}
+        tops = [t for layer in self.net.layers for t in layer.top]
+        return sorted({t for t in tops if t not in read})
+
+    def opencv_fused(self) -> dict[int, np.ndarray]:
+        """OpenCV with its default layer fusion, for the layers whose blob is a net output."""
+        if "opencv_fused" not in self._cache:
+            outputs = set(self.net_outputs())
+            indices = [i for i in self.indices if self.blob(i) in outputs]
+            got = run_opencv_caffe(self.net, self.prototxt, self.caffemodel, self.x,
+                                   sorted({self.blob(i) for i in indices}), fusion=True)
+            self._cache["opencv_fused"] = {i: self._as_darknet(i, got[self.blob(i)]) for i in indices}
+        return self._cache["opencv_fused"]
 
     def darknet(self, *, any_flavor: bool = False) -> dict[int, np.ndarray]:
         """The real (pjreddie) Darknet's output of every layer, same cfg, .weights and input."""
         if "darknet" not in self._cache:
             assert any_flavor or self.flavor == "pjreddie", \
                 "the Debian Darknet is pjreddie's; use opencv_darknet() for AlexeyAB cfgs"
-            process_cls = _darknet_process()
-            outs: dict[int, np.ndarray] = {}
-            with process_cls(str(self.cfg_path), str(self.weights_path), batch=self.x.shape[0]) as dn:
-                dn.forward(self.x)
-                for i in self.indices:
-                    outs[i] = self._as_darknet(i, np.asarray(dn.layer_output(i)))
-            self._cache["darknet"] = outs
+            if any(node.kind == "batchnorm" for node in self.graph.nodes):
+                raw = run_darknet_with_bn_scratch(self.cfg_path, self.weights_path, self.x, self.directory)
+            else:
+                process_cls = _darknet_process()
+                with process_cls(str(self.cfg_path), str(self.weights_path), batch=self.x.shape[0]) as dn:
+                    dn.forward(self.x)
+                    raw = [np.asarray(dn.layer_output(i)) for i in self.indices]
+            self._cache["darknet"] = {i: self._as_darknet(i, raw[i]) for i in self.indices}
         return self._cache["darknet"]
 
     def opencv_darknet(self, index: int) -> np.ndarray:
@@ -313,11 +372,14 @@ def check_all_engines(case: Case, *, darknet: bool = True, layers: list[int] | N
     """pycaffe vs OpenCV-Caffe for every layer, and pycaffe vs the real Darknet (pjreddie cfgs)."""
     layers = case.indices if layers is None else layers
     caffe_out = case.caffe()
-    cv_out = case.opencv()
+    cv_out, cv_fused = case.opencv(), case.opencv_fused()
     for i in layers:
         if i in cv_out:
             assert_close(cv_out[i], caffe_out[i], f"layer {i} [{case.graph.nodes[i].kind}] OpenCV-Caffe vs pycaffe",
                          rtol=rtol, atol_scale=atol_scale)
+        if i in cv_fused:
+            assert_close(cv_fused[i], caffe_out[i], f"layer {i} [{case.graph.nodes[i].kind}] OpenCV-Caffe "
+                                                    f"(fused net output) vs pycaffe", rtol=rtol, atol_scale=atol_scale)
     if darknet:
         dn = case.darknet()
         for i in layers:
