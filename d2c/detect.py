@@ -18,7 +18,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -641,6 +641,7 @@ def _print_table(image: str, rows: list[dict[str, Any]], seconds: float, engine:
         print(f"  {'class':<{width}} {'score':>6}  {'left':>5} {'top':>5} {'right':>5} {'bottom':>6}")
         for r in rows:
             left, top, right, bot = r["box_px"]
-            print(f"  {r['name']:<{width}} {r['score'] * 100:5.0f}%  {left:5d} {top:5d} {right:5d} {bot:6d}")
+            percent = float(F32(r["score"]) * F32(100))     # Darknet: prob*100 in float, then %.0f
+            print(f"  {r['name']:<{width}} {percent:5.0f}%  {left:5d} {top:5d} {right:5d} {bot:6d}")
     if png is not None:
         print(f"  wrote {png}")
