@@ -6,6 +6,10 @@ biases first, then the same three. The inference formula is the flavor's BN (pjr
 by sqrt(var) + 1e-6, AlexeyAB by sqrt(var + 1e-5)), reproduced with the same blob trick as
 [convolutional]. Darknet copies the input first, so the Caffe BatchNorm writes a new blob.
 pjreddie gives this layer no update function: its gamma/beta are frozen in training.
+
+Debian's pjreddie build cannot run this layer at all: make_batchnorm_layer never allocates
+l.x / l.x_norm on the CPU while forward_batchnorm_layer copies into l.x on every call, so
+forward_network segfaults (measured). The tests give Darknet scratch buffers to compare.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ def batchnorm_reference(x: np.ndarray, scales: np.ndarray, biases: np.ndarray, m
 class Batchnorm(LayerConverter):
     section = "batchnorm"
     keys = frozenset()
-    summary = "stand-alone BN; pjreddie (3 arrays, beta = 0) and AlexeyAB (4 arrays) files"
+    summary = ("stand-alone BN; pjreddie (3 arrays, beta = 0) and AlexeyAB (4 arrays) files "
+               "(Debian's Darknet itself segfaults on this layer: no l.x buffer)")
     caffe_layers = "BatchNorm (out of place) + Scale"
 
     def build(self, sec: Section, graph: GraphBuilder) -> Node:
