@@ -3,11 +3,12 @@ Against the real Darknet; negative check: Caffe's (and OpenCV's Darknet importer
 channel softmax is not Darknet's on spatial maps."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 
+from d2c.darknet.cfg import parse_cfg
+from d2c.darknet.graph import build_graph
+from d2c.darknet.weights import WeightsHeader, write_weights
 from d2c.errors import D2CError
 from d2c.layers.softmax import softmax_reference
 
@@ -58,9 +59,6 @@ def test_negative_per_pixel_softmax_is_wrong(softmax_bundle):
     cfg_path = case.directory / "spatial.cfg"
     cfg_path.write_text(text)
     weights_path = case.directory / "spatial.weights"
-    from d2c.darknet.cfg import parse_cfg
-    from d2c.darknet.graph import build_graph
-    from d2c.darknet.weights import WeightsHeader, write_weights
     graph = build_graph(parse_cfg(cfg_path))
     write_weights(weights_path, WeightsHeader(), graph, {0: case.arrays[softmax_bundle.layers("spatial")[0]]})
     model = cv2.dnn.readNetFromDarknet(str(cfg_path), str(weights_path))
