@@ -111,15 +111,21 @@ class Maxpool(LayerConverter):
         if (h, w) == (out_h, out_w):
             return bottom
         a = node.attrs
-        # ceil((in - k')/s) + 1 == floor((in + P - size)/s) + 1 when k' = size - P + s - 1.
-        k_h = a["size"] - a["padding"] + a["stride_y"] - 1
-        k_w = a["size"] - a["padding"] + a["stride_x"] - 1
+        k_h, p_h = reference_window(h, a["stride_y"], out_h)
+        k_w, p_w = reference_window(w, a["stride_x"], out_w)
         ref = f"{node.prefix}_shape_ref"
-        if not (1 <= k_h <= h and 1 <= k_w <= w):
-            raise UnsupportedLayerError(f"{node.where}: cannot build a crop reference for this pooling")
-        pool = {"pool": "MAX", "kernel_h": k_h, "kernel_w": k_w,
-                "stride_h": a["stride_y"], "stride_w": a["stride_x"]}
-        em.add("Pooling", ref, [bottom], [ref], pooling_param=pool)
-        if (caffe_pool_out(h, k_h, a["stride_y"], 0), caffe_pool_out(w, k_w, a["stride_x"], 0)) != (out_h, out_w):
-            raise UnsupportedLayerError(f"{node.where}: crop reference has the wrong shape")
+        em.add("Pooling", ref, [bottom], [ref],
+               pooling_param={"pool": "MAX", "kernel_h": k_h, "kernel_w": k_w, "pad_h": p_h, "pad_w": p_w,
+                              "stride_h": a["stride_y"], "stride_w": a["stride_x"]})
         return ref
+
+
+def reference_window(size_in: int, stride: int, want: int) -> tuple[int, int]:
+    """(kernel, pad) of a Caffe pooling whose output length is `want`; its values are never read."""
+    for kernel in range(1, size_in + stride + 1):
+        for pad in range(0, kernel):
+            if kernel > size_in + 2 * pad:
+                continue
+            if caffe_pool_out(size_in, kernel, stride, pad) == want:
+                return kernel, pad
+    raise UnsupportedLayerError(f"no Caffe pooling yields {want} outputs from {size_in} at stride {stride}")

@@ -19,15 +19,22 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def emit_channel_crop(em: Emitter, name: str, source: str, shape: tuple[int, int, int],
-                      first: int, count: int) -> str:
-    """Channels [first, first+count) of `source` (shape C x H x W) as a new blob named `name`."""
+                      first: int, count: int, reference: str | None = None) -> str:
+    """Channels [first, first+count) of `source` (shape C x H x W) as a new blob named `name`.
+
+    `reference` is any blob whose dims 1..3 are (count, H, W); without one, a free Reshape of
+    the source serves, which needs count to divide C.
+    """
     c, h, w = shape
     if first == 0 and count == c:
         return source
-    ref = f"{name}_shape_ref"
-    # Any blob whose dims 1..3 are (count, h, w) serves as Crop's reference; a Reshape is free.
-    em.add("Reshape", ref, [source], [ref],
-           reshape_param={"shape": {"dim": [-1, count, h, w]}})
+    ref = reference
+    if ref is None:
+        if c % count:
+            raise ValueError(f"{name}: no reference blob and {count} does not divide {c}")
+        ref = f"{name}_shape_ref"
+        em.add("Reshape", ref, [source], [ref],
+               reshape_param={"shape": {"dim": [-1, count, h, w]}})
     em.add("Crop", name, [source, ref], [name], crop_param={"axis": 1, "offset": [first, 0, 0]},
            propagate_down=[True, False] if em.training else None)
     return name

@@ -1,5 +1,8 @@
-"""[shortcut]: out = act(alpha*prev + beta*from); AlexeyAB adds several `from`s and allows
-unequal channel counts (the sum covers a channel prefix, as in yolov3-tiny-prn)."""
+"""[shortcut]: out = act(alpha*prev + beta*from); AlexeyAB adds several `from`s.
+
+Unequal channel counts (yolov3-tiny-prn) add into the first min(C) channels in both lineages
+(pjreddie's shortcut_cpu loops to min(c); AlexeyAB adds a channel prefix).
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -37,9 +40,6 @@ class Shortcut(LayerConverter):
                 raise UnsupportedLayerError(
                     f"{sec.where_key('from')}: layer {s} is {shape[1]}x{shape[2]} but the previous layer is "
                     f"{prev_shape[1]}x{prev_shape[2]}; strided shortcuts have no stock-Caffe form")
-            if shape[0] != prev_shape[0] and graph.flavor == "pjreddie":
-                raise NeedsAlexeyABError(f"{sec.where_key('from')}: a shortcut over unequal channels "
-                                         f"({shape[0]} vs {prev_shape[0]}) is defined only by AlexeyAB's Darknet")
         alpha = sec.get_float("alpha", 1.0)
         beta = sec.get_float("beta", 1.0)
         warnings: list[str] = []
@@ -57,7 +57,8 @@ class Shortcut(LayerConverter):
         for k, (src, shape) in enumerate(zip(node.inputs[1:], node.in_shapes[1:])):
             addend = em.blob(src)
             if shape[0] > c_out:  # only the first c_out channels of `from` are added
-                addend = emit_channel_crop(em, f"{base}_from{k}_prefix", addend, shape, 0, c_out)
+                addend = emit_channel_crop(em, f"{base}_from{k}_prefix", addend, shape, 0, c_out,
+                                           reference=total)
             coeff = {"coeff": [a["alpha"] if k == 0 else 1.0, a["beta"]]}
             if coeff["coeff"] == [1.0, 1.0]:
                 coeff = {}
@@ -70,8 +71,6 @@ class Shortcut(LayerConverter):
                 em.add("Eltwise", summed, [head, addend], [summed],
                        eltwise_param={"operation": "SUM", **coeff})
                 em.add("Concat", name, [summed, tail], [name], concat_param={"axis": 1})
-                if a["alpha"] != 1.0 and k == 0:
-                    raise UnsupportedLayerError(f"{node.where}: alpha != 1 with unequal channels")
             else:
                 em.add("Eltwise", name, [total, addend], [name],
                        eltwise_param={"operation": "SUM", **coeff})

@@ -91,11 +91,6 @@ def test_tiny_map_against_darknet(tiny_bundle, variant):
     tiny_bundle.check(variant)
 
 
-@pytest.mark.xfail(strict=True, raises=D2CError,
-                   reason="BUG in d2c/layers/maxpool.py Maxpool._reference: when Caffe's ceil gives more "
-                          "outputs than Darknet's floor and the crop-reference kernel size - padding + "
-                          "stride - 1 exceeds the input (here 3 > 2), conversion is refused although a "
-                          "stock form exists (e.g. a reference pool with kernel min(k', in))")
 @pytest.mark.parametrize("variant", ["2-2-pad0", "3-3"])
 def test_tiny_map_floor_pooling(make_case, variant):
     case = make_case(net_header(*TINY) + pool_section(*POOLS[variant]))

@@ -86,12 +86,6 @@ def tiny_variance_arrays(case) -> dict:
     return arrays
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (d2c/layers/shortcut.py + d2c/darknet/graph.py): an unequal-channel shortcut in a pjreddie cfg "
-    "raises NeedsAlexeyABError, so the whole graph is rebuilt with flavor=alexeyab and every BN uses "
-    "AlexeyAB's sqrt(var + 1e-5) instead of pjreddie's sqrt(var) + 1e-6; yet pjreddie's shortcut_cpu "
-    "defines unequal channels (adds into the first min(c) channels, like AlexeyAB when alpha = beta = 1), "
-    "and the Debian Darknet runs this cfg"))
 def test_pjreddie_unequal_channels_keeps_pjreddie_bn(make_case):
     cfg = (net_header(3, 4, 5) + conv(6, "linear", batch_normalize=1) + conv(4, "linear", batch_normalize=1)
            + section("shortcut", **{"from": -2}))
