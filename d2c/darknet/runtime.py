@@ -731,11 +731,14 @@ class DarknetNet:
             if nms:
                 self.lib.dll.do_nms_sort(dets, count.value, classes, nms)
             found: list[dict[str, Any]] = []
+            # Darknet's printer loops over the last layer's classes (region dets leave det.classes
+            # at 0) and compares with a float threshold.
+            thresh32 = float(np.float32(thresh))
             for k in range(count.value):
                 det = dets[k]
-                for c in range(det.classes):
+                for c in range(classes):
                     prob = float(det.prob[c])
-                    if prob > thresh:
+                    if prob > thresh32:
                         box = det.bbox
                         found.append({"class": c, "score": prob, "objectness": float(det.objectness),
                                       "box": [float(box.x), float(box.y), float(box.w), float(box.h)]})
