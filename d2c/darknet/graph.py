@@ -5,6 +5,7 @@ reported at once, with line numbers, rather than fixing them one crash at a time
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from d2c.darknet.cfg import COMMON_KEYS, Cfg, Section
@@ -14,6 +15,7 @@ from d2c.layers.base import Node, Shape
 # Refuse absurd networks before allocating anything (issue: resource limits).
 MAX_BLOB_FLOATS = 1 << 31          # one activation blob per image
 MAX_PARAM_FLOATS = 1 << 31         # all parameters together (8 GiB of float32)
+MAX_ACTIVATION_FLOATS = 1 << 32    # every layer's output for one image together (16 GiB of float32)
 
 ALEXEYAB_SECTIONS = frozenset({"sam", "scale_channels", "reorg3d", "implicit_add", "implicit_mul",
                                "gaussian_yolo", "local_avgpool", "contrastive", "empty", "silence"})
@@ -24,6 +26,9 @@ ALEXEYAB_KEYS = frozenset({"scale_x_y", "new_coords", "iou_loss", "iou_normalize
 ALEXEYAB_ACTIVATIONS = frozenset({"mish", "swish", "silu", "hard_mish", "relu6", "gelu",
                                   "normalize_channels", "normalize_channels_softmax",
                                   "normalize_channels_softmax_maxval"})
+
+
+HEAD_KINDS = ("yolo", "region", "detection")
 
 
 @dataclass
@@ -52,7 +57,7 @@ class Graph:
         return sum(n.param_count() for n in self.nodes)
 
     def heads(self) -> list[Node]:
-        return [n for n in self.nodes if n.kind in ("yolo", "region")]
+        return [n for n in self.nodes if n.kind in HEAD_KINDS]
 
 
 class GraphBuilder:
@@ -152,6 +157,7 @@ def _build_graph(cfg: Cfg, flavor: str, reason: str, continue_on_error: bool) ->
     warnings = list(cfg.warnings)
     skipped: list[str] = []
     total_params = 0
+    total_activations = 0
     for sec in cfg.layers:
         converter = REGISTRY.get(sec.type)
         if converter is None:
@@ -181,10 +187,17 @@ def _build_graph(cfg: Cfg, flavor: str, reason: str, continue_on_error: bool) ->
             problems.append(f"{sec.where}: output {c}x{h}x{w} needs {c * h * w * 4 / 2**30:.1f} GiB "
                             f"per image; refusing")
             break
-        total_params += node.param_count()
+        # Python ints: a fuzzed size can overflow numpy's int64 product and wrap past the limit.
+        total_params += sum(math.prod(p.shape) for p in node.params)
+        total_activations += c * h * w
+        if total_activations > MAX_ACTIVATION_FLOATS:
+            problems.append(f"{sec.where}: the outputs of layers 0..{sec.index} need an estimated "
+                            f"{total_activations * 4 / 2**30:.1f} GiB per image (limit "
+                            f"{MAX_ACTIVATION_FLOATS * 4 / 2**30:.0f} GiB); refusing")
+            break
         if total_params > MAX_PARAM_FLOATS:
             problems.append(f"{sec.where}: network needs over {total_params * 4 / 2**30:.1f} GiB "
-                            f"of parameters; refusing")
+                            f"of parameters (limit {MAX_PARAM_FLOATS * 4 / 2**30:.0f} GiB); refusing")
             break
         builder.nodes.append(node)
         warnings.extend(f"{cfg.path}:{opt.line}: [{sec.raw_type}] unknown key '{key}' (ignored)"
