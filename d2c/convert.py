@@ -19,7 +19,7 @@ from d2c.darknet.cfg import parse_cfg
 from d2c.darknet.graph import Graph, build_graph
 from d2c.darknet.weights import WeightsHeader, random_weights, read_weights
 from d2c.errors import D2CError
-from d2c.fsutil import atomic_write_text
+from d2c.fsutil import atomic_write_text, staged_outputs
 from d2c.layers import REGISTRY
 
 SIDECAR_VERSION = 1
@@ -56,10 +56,7 @@ def build_conversion(graph: Graph, weights: dict[int, dict[str, np.ndarray]], he
     warnings = list(graph.warnings)
     for node in nodes:
         warnings.extend(node.attrs.pop("warnings", []) or [])
-        try:
-            REGISTRY[node.kind].emit(node, em, weights.get(node.index, {}))
-        except D2CError as exc:
-            raise type(exc)(f"{node.where}: {exc}", exc.problems) from None
+        REGISTRY[node.kind].emit(node, em, weights.get(node.index, {}))
     if options.mode == TRAIN:
         from d2c.loss.emit import add_truth_input
         add_truth_input(em, graph)
@@ -115,6 +112,8 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
     else:
         header, arrays = read_weights(weights_path, graph, allow_trailing=allow_trailing)
     stem = name or Path(cfg_path).stem
+    if stem in ("", ".", "..") or Path(stem).name != stem:
+        raise D2CError(f"output name {stem!r} must be a plain file stem (no '/')")
     out = Path(out_dir)
     options = ConvertOptions(flavor=graph.flavor, fold_bn=fold_bn, mode=DEPLOY, batch=1)
     conv = build_conversion(graph, arrays, header, options, name=stem, progress=progress)
@@ -126,15 +125,20 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
         train_batch = batch or max(1, graph.net.batch // graph.net.subdivisions)
         train_opts = ConvertOptions(flavor=graph.flavor, mode=TRAIN, bn=bn, batch=train_batch)
         train_conv = build_conversion(graph, arrays, header, train_opts, name=stem)
-    # Everything is built and checked; only now touch the output directory.
-    out.mkdir(parents=True, exist_ok=True)
-    write_caffemodel(conv.net, files["caffemodel"])
-    atomic_write_text(files["prototxt"], header_comment(conv) + to_prototxt(conv.net))
-    sidecar = dict(conv.sidecar, prototxt=files["prototxt"].name, caffemodel=files["caffemodel"].name)
-    atomic_write_text(files["sidecar"], json.dumps(sidecar, indent=1) + "\n")
-    if train_conv is not None:
-        from d2c.train_files import write_train_files
-        extra = write_train_files(train_conv, out, stem)
+    # Everything is built and checked; only now touch the output directory. All files are staged
+    # together so a failure (or a kill) leaves the previous conversion complete and untouched.
+    try:
+        with staged_outputs(out, stem) as stage:
+            write_caffemodel(conv.net, stage / files["caffemodel"].name)
+            atomic_write_text(stage / files["prototxt"].name, header_comment(conv) + to_prototxt(conv.net))
+            sidecar = dict(conv.sidecar, prototxt=files["prototxt"].name, caffemodel=files["caffemodel"].name)
+            atomic_write_text(stage / files["sidecar"].name, json.dumps(sidecar, indent=1) + "\n")
+            if train_conv is not None:
+                from d2c.train_files import write_train_files
+                extra = [out / p.name for p in write_train_files(train_conv, stage, stem)]
+    except OSError as exc:
+        raise D2CError(f"{out}: cannot write the converted model: "
+                       f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}") from None
     outputs = [h.blob for h in conv.emitter.heads]
     return ConvertReport(prototxt=files["prototxt"], caffemodel=files["caffemodel"], sidecar=files["sidecar"],
                          layers=len(graph.nodes), caffe_layers=len(conv.net.layers), params=graph.param_count(),

@@ -6,7 +6,9 @@ writer in d2c (convert, export, snapshots, reports) goes through `atomic_write`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,3 +44,45 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write bytes atomically."""
     with atomic_write(path, "wb") as handle:
         handle.write(data)
+
+
+@contextlib.contextmanager
+def staged_outputs(out_dir: str | Path, tag: str) -> Iterator[Path]:
+    """Yield a hidden staging directory inside `out_dir`; on success move its files into `out_dir`.
+
+    Why: a conversion writes several files that only make sense together (prototxt, caffemodel,
+    sidecar). Writing them all to staging first means an error or a kill part-way leaves every
+    earlier output untouched; the final renames are on one file system, so each is atomic. On
+    failure the staging directory is removed, and so are the directories this call created.
+    """
+    out = Path(out_dir)
+    created = [d for d in (out, *out.parents) if not d.exists()]  # innermost first
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=f".{tag}.", suffix=".d2c-staging"))
+    try:
+        yield stage
+        names = sorted(p.name for p in stage.iterdir())
+        for name in names:  # check first: a rename failing half-way would mix old and new files
+            if (out / name).is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a directory, cannot be replaced by a file",
+                                        str(out / name))
+        for name in names:
+            os.replace(stage / name, out / name)
+        _fsync_dir(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for directory in created:
+            with contextlib.suppress(OSError):  # rmdir only removes empty directories
+                directory.rmdir()
+        raise
+    stage.rmdir()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable (best effort: some file systems refuse fsync on directories)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
