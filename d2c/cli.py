@@ -139,6 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:  # a bug in d2c: still one line for the user, the traceback with --debug
+        if args.debug:
+            raise
+        first_line = (str(exc).splitlines() or [""])[0]
+        print(f"d2c {args.command}: internal error: {type(exc).__name__}: {first_line} "
+              f"(this is a d2c bug; rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
