@@ -69,8 +69,9 @@ def map_solver(cfg: TrainConfig, *, seen: int, net_file: str, snapshot_prefix: s
     fields["snapshot"] = 100
     notes.append(f"max_iter = max_batches - k0 = {p.max_batches} - {k0} = {remaining}; Darknet snapshots "
                  f"every 100 batches (.backup) and at 100..900, 10000, 20000...; snapshot: 100 here.")
-    if p.max_batches == 0:
-        deviations.append("max_batches is 0: Darknet would not train at all; max_iter is 0.")
+    if remaining == 0:
+        deviations.append(f"max_batches = {p.max_batches} is already reached at k0 = {k0}: Darknet's "
+                          f"train_detector would stop at once; max_iter is 0 (raise max_batches or use -clear).")
 
     # -- learning-rate policy --------------------------------------------------------------
     if p.policy == "constant":
