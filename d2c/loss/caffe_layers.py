@@ -19,7 +19,7 @@ The last statistics of every loss layer (Darknet's printed Avg IOU, Class, Obj, 
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -245,5 +245,5 @@ def stats_line(name: str, index: int | None = None) -> str:
     return f"{label} " + ", ".join(parts) + f",  count: {int(s.get('count', 0))}"
 
 
-__all__: list[Any] = ["YoloLoss", "RegionLoss", "DarknetBatchNorm", "STATS", "set_seen", "get_seen",
+__all__ = ["YoloLoss", "RegionLoss", "DarknetBatchNorm", "STATS", "set_seen", "get_seen",
                       "last_stats", "stats_line"]
