@@ -246,4 +246,4 @@ def stats_line(name: str, index: int | None = None) -> str:
 
 
 __all__ = ["YoloLoss", "RegionLoss", "DarknetBatchNorm", "STATS", "set_seen", "get_seen",
-                      "last_stats", "stats_line"]
+           "last_stats", "stats_line"]
