@@ -7,6 +7,7 @@ wins, `#` and `;` start comments). Every value remembers its line so errors can 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,27 +144,48 @@ def _split_list(value: str) -> list[str]:
     return [v for v in value.split(",") if v != ""]
 
 
+# Darknet stores every option in a C int or float (atoi/atof); larger values mean nothing there.
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+FLOAT_MAX = 3.4028234663852886e38
+# ASCII decimal only: Python's int()/float() also take '1_000' and non-ASCII digits ('٣'),
+# which atoi/atof read as 1 and 0, so accepting them would build a different network.
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
+def _show(value: str) -> str:
+    """A value for a message: fuzzed or binary junk can be a megabyte long."""
+    return repr(value) if len(value) <= 40 else repr(value[:40]) + f"... ({len(value)} characters)"
+
+
 def _to_int(value: str, err) -> int:
+    if not _DECIMAL.fullmatch(value):
+        raise err(f"expects an integer, got {_show(value)}")
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        pass
-    try:
-        number = float(value)
-    except ValueError:
-        raise err(f"expects an integer, got {value!r}") from None
-    if not math.isfinite(number) or number != int(number):
-        raise err(f"expects an integer, got {value!r}")
-    return int(number)
+        try:
+            real = float(value)
+        except ValueError:
+            raise err(f"expects an integer, got {_show(value)}") from None
+        if not math.isfinite(real) or real != int(real):
+            raise err(f"expects an integer, got {_show(value)}") from None
+        number = int(real)
+    if not INT_MIN <= number <= INT_MAX:
+        raise err(f"{_show(value)} does not fit the 32-bit int Darknet stores it in")
+    return number
 
 
 def _to_float(value: str, err) -> float:
+    if not _DECIMAL.fullmatch(value):
+        raise err(f"expects a number, got {_show(value)}")
     try:
         number = float(value)
     except ValueError:
-        raise err(f"expects a number, got {value!r}") from None
+        raise err(f"expects a number, got {_show(value)}") from None
     if not math.isfinite(number):
-        raise err(f"expects a finite number, got {value!r}")
+        raise err(f"expects a finite number, got {_show(value)}")
+    if abs(number) > FLOAT_MAX:
+        raise err(f"{_show(value)} does not fit the 32-bit float Darknet stores it in")
     return number
 
 
