@@ -18,7 +18,7 @@ from d2c.caffe.proto import CaffeNet, to_prototxt, write_caffemodel
 from d2c.darknet.cfg import parse_cfg
 from d2c.darknet.graph import Graph, build_graph
 from d2c.darknet.weights import WeightsHeader, random_weights, read_weights
-from d2c.errors import D2CError
+from d2c.errors import CfgError, D2CError, ParamError
 from d2c.fsutil import atomic_write_text, staged_outputs
 from d2c.layers import REGISTRY
 
@@ -136,6 +136,8 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
             if train_conv is not None:
                 from d2c.train_files import write_train_files
                 extra = [out / p.name for p in write_train_files(train_conv, stage, stem)]
+    except ParamError as exc:  # a value that fits Darknet's int/float but not a Caffe field's type
+        raise CfgError(f"{cfg_path}: {exc}", exc.problems) from None
     except OSError as exc:
         raise D2CError(f"{out}: cannot write the converted model: "
                        f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}") from None
