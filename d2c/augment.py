@@ -383,6 +383,61 @@ def augment_detection(image: np.ndarray, boxes: np.ndarray, w: int, h: int, *,
 
 
 # --------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DetectionBatch:
+    images: np.ndarray       # (n, 3, h, w) float32
+    truth: np.ndarray        # (n, max_boxes*5) float32, Darknet's net.truth layout
+    indices: np.ndarray      # which samples (positions in the list given) were used, in order
+    params: list[AugmentParams]
+
+
+def detection_batch(samples: list, n: int, w: int, h: int, *,
+                    rng: np.random.Generator | RandSource | None = None, indices: list[int] | None = None,
+                    max_boxes: int = YOLO_MAX_BOXES, jitter: float = 0.2, hue: float = 0.0,
+                    saturation: float = 1.0, exposure: float = 1.0, no_augment: bool = False,
+                    image_cache: dict | None = None) -> DetectionBatch:
+    """n images as pjreddie's load_data_detection builds a batch: first n draws of rand() % m
+    pick samples with replacement (get_random_paths), then each image is augmented in turn.
+
+    `samples` are d2c.dataset.Sample (image_path, boxes). Pass `indices` to choose the samples
+    yourself (e.g. sequential batches with no_augment); `image_cache` (path -> decoded image)
+    avoids decoding the same file twice.
+    """
+    from d2c.image import load_image_rgb
+    if not samples:
+        raise DatasetError("no samples to build a batch from")
+    src = None if rng is None else _source(rng)
+    if indices is None:
+        if src is None:
+            raise ValueError("detection_batch needs an rng or explicit indices")
+        chosen = [src.rand() % len(samples) for _ in range(n)]
+    else:
+        chosen = [int(i) for i in indices]
+        if len(chosen) != n or any(not 0 <= i < len(samples) for i in chosen):
+            raise ValueError(f"indices must be {n} positions in 0..{len(samples) - 1}")
+    images = np.empty((n, 3, h, w), F32)
+    truth = np.empty((n, max_boxes * 5), F32)
+    params = []
+    for k, index in enumerate(chosen):
+        sample = samples[index]
+        key = str(sample.image_path)
+        if image_cache is not None and key in image_cache:
+            image = image_cache[key]
+        else:
+            image = load_image_rgb(sample.image_path)
+            if image_cache is not None:
+                image_cache[key] = image
+        one = augment_detection(image, sample.boxes, w, h, rng=src, max_boxes=max_boxes, jitter=jitter, hue=hue,
+                                saturation=saturation, exposure=exposure, no_augment=no_augment)
+        images[k], truth[k] = one.image, one.truth
+        params.append(one.params)
+    return DetectionBatch(images=images, truth=truth, indices=np.array(chosen), params=params)
+
+
+# --------------------------------------------------------------------------------------------
 # Darknet's own loader, for comparisons (in a child process: libdarknet turns on FTZ/DAZ)
 # --------------------------------------------------------------------------------------------
 
@@ -393,25 +448,43 @@ def darknet_load_detection(image_paths: list[str | Path], seeds: list[int], w: i
     """(image (3, h, w), truth) from libdarknet's load_data_detection(1, [path], 1, ...) after
     srand(seed), for each path/seed pair, run in a child process.
 
-    Darknet exits the process on a missing label file and substitutes a blank image for an
-    unreadable one, so both are checked here first. Its draws match `GlibcRand(seed)` after
-    one rand() for the path choice.
+    Its draws match `GlibcRand(seed)` after one rand() for the path choice.
+    """
+    batches = darknet_load_batches([[p] for p in image_paths], [1] * len(seeds), seeds, w, h,
+                                   max_boxes=max_boxes, classes=classes, jitter=jitter, hue=hue,
+                                   saturation=saturation, exposure=exposure, timeout=timeout)
+    return [(x[0], y[0]) for x, y in batches]
+
+
+def darknet_load_batches(path_lists: list[list[str | Path]], sizes: list[int], seeds: list[int], w: int, h: int, *,
+                         max_boxes: int = YOLO_MAX_BOXES, classes: int = 80, jitter: float = 0.0,
+                         hue: float = 0.0, saturation: float = 1.0, exposure: float = 1.0,
+                         timeout: float = 300.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Darknet's own batches, as train_detector loads them: for each (paths, n, seed),
+    srand(seed) then load_data_detection(n, paths, len(paths), ...) -> ((n, 3, h, w), (n, 5*max_boxes)).
+
+    Runs in a child process (libdarknet turns on FTZ/DAZ in the process that loads it). Darknet
+    exits on a missing label file and substitutes a blank image for an unreadable one, so both
+    are checked here first.
     """
     from d2c.dataset import label_path_for
     from d2c.darknet.runtime import library_path
-    paths = [str(p) for p in image_paths]
-    if len(paths) != len(seeds):
-        raise ValueError("one seed per image path")
-    for p in paths:
+    if not len(path_lists) == len(sizes) == len(seeds):
+        raise ValueError("one size and one seed per path list")
+    lists = [[str(p) for p in paths] for paths in path_lists]
+    for p in {p for paths in lists for p in paths}:
         if not Path(p).is_file():
             raise DatasetError(f"{p}: image not found")
         if not Path(label_path_for(p)).is_file():
             raise DatasetError(f"{label_path_for(p)}: label file not found (Darknet would exit)")
+    if any(not paths for paths in lists) or any(n < 1 for n in sizes):
+        raise ValueError("every batch needs at least one path and n >= 1")
     library_path()
     with tempfile.TemporaryDirectory(prefix="d2c-loader-") as tmp:
-        job = {"paths": paths, "seeds": [int(s) for s in seeds], "w": int(w), "h": int(h),
-               "boxes": int(max_boxes), "classes": int(classes), "jitter": float(jitter), "hue": float(hue),
-               "saturation": float(saturation), "exposure": float(exposure), "out": str(Path(tmp) / "out.npz")}
+        job = {"lists": lists, "sizes": [int(n) for n in sizes], "seeds": [int(s) for s in seeds],
+               "w": int(w), "h": int(h), "boxes": int(max_boxes), "classes": int(classes),
+               "jitter": float(jitter), "hue": float(hue), "saturation": float(saturation),
+               "exposure": float(exposure), "out": str(Path(tmp) / "out.npz")}
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -422,11 +495,12 @@ def darknet_load_detection(image_paths: list[str | Path], seeds: list[int], w: i
             raise EngineError(f"Darknet's load_data_detection failed (exit {proc.returncode}): "
                               f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
         with np.load(job["out"]) as data:
-            return [(data[f"x{i}"].reshape(3, h, w), data[f"y{i}"]) for i in range(len(paths))]
+            return [(data[f"x{i}"].reshape(n, 3, h, w), data[f"y{i}"].reshape(n, 5 * max_boxes))
+                    for i, n in enumerate(sizes)]
 
 
 def _darknet_child() -> None:
-    """Child-process body of darknet_load_detection: JSON job on stdin, arrays to an .npz."""
+    """Child-process body of darknet_load_batches: JSON job on stdin, arrays to an .npz."""
     import ctypes
     from d2c.darknet.runtime import _library
     job = json.loads(sys.stdin.read())
@@ -441,12 +515,14 @@ def _darknet_child() -> None:
     lib.libc.srand.argtypes = [ctypes.c_uint]
     w, h, boxes = job["w"], job["h"], job["boxes"]
     arrays: dict[str, np.ndarray] = {}
-    for i, (path, seed) in enumerate(zip(job["paths"], job["seeds"])):
-        paths = (ctypes.c_char_p * 1)(path.encode())
+    for i, (paths, n, seed) in enumerate(zip(job["lists"], job["sizes"], job["seeds"])):
+        c_paths = (ctypes.c_char_p * len(paths))(*(p.encode() for p in paths))
         lib.libc.srand(seed)
-        data = fn(1, paths, 1, w, h, boxes, job["classes"], job["jitter"], job["hue"], job["saturation"],
-                  job["exposure"])
-        arrays[f"x{i}"] = np.ctypeslib.as_array(data.X.vals[0], shape=(3 * h * w,)).copy()
-        arrays[f"y{i}"] = np.ctypeslib.as_array(data.y.vals[0], shape=(5 * boxes,)).copy()
+        data = fn(n, c_paths, len(paths), w, h, boxes, job["classes"], job["jitter"], job["hue"],
+                  job["saturation"], job["exposure"])
+        arrays[f"x{i}"] = np.stack([np.ctypeslib.as_array(data.X.vals[k], shape=(3 * h * w,)).copy()
+                                    for k in range(n)])
+        arrays[f"y{i}"] = np.stack([np.ctypeslib.as_array(data.y.vals[k], shape=(5 * boxes,)).copy()
+                                    for k in range(n)])
         lib.dll.free_data(data)
     np.savez(job["out"], **arrays)

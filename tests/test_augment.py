@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d2c.augment import (GlibcRand, augment_detection, correct_boxes, darknet_load_detection, distort_image,
-                         hsv_to_rgb, rgb_to_hsv, truth_record)
-from d2c.dataset import parse_labels
+from d2c.augment import (GlibcRand, augment_detection, correct_boxes, darknet_load_batches, darknet_load_detection,
+                         detection_batch, distort_image, hsv_to_rgb, rgb_to_hsv, truth_record)
+from d2c.dataset import load_samples, parse_labels
 from d2c.errors import DatasetError
 from d2c.image import load_image_rgb
 
@@ -86,6 +86,24 @@ def test_bit_exact_against_darknet_loader(images: list[Path], w: int, h: int, se
         np.testing.assert_array_equal(x, x_ref, err_msg=f"{path.name} seed {seed}")
         np.testing.assert_array_equal(y, y_ref, err_msg=f"{path.name} seed {seed}")
     assert flips == {False, True}    # both branches were compared
+
+
+def test_batches_equal_darknets(images: list[Path], tmp_path: Path) -> None:
+    """A whole train_detector batch: n picks of rand() % m with replacement, then each image."""
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in images))
+    samples, _ = load_samples(tmp_path / "list.txt", 80)
+    kw = dict(jitter=0.3, hue=0.1, saturation=1.5, exposure=1.5)
+    seeds = [21, 22]
+    ref = darknet_load_batches([[str(s.image_path) for s in samples]] * 2, [8, 8], seeds, 160, 128, **kw)
+    cache: dict = {}
+    for seed, (x_ref, y_ref) in zip(seeds, ref):
+        batch = detection_batch(samples, 8, 160, 128, rng=GlibcRand(seed), image_cache=cache, **kw)
+        assert len(set(batch.indices.tolist())) > 1
+        np.testing.assert_array_equal(batch.images, x_ref)
+        np.testing.assert_array_equal(batch.truth, y_ref)
+    fixed = detection_batch(samples, 3, 160, 128, indices=[0, 1, 0], no_augment=True, image_cache=cache)
+    np.testing.assert_array_equal(fixed.images[0], fixed.images[2])
+    assert fixed.truth.shape == (3, 450)
 
 
 def _sorted_rows(truth: np.ndarray) -> np.ndarray:

@@ -382,3 +382,20 @@ def test_cli_reports_errors_in_one_line(tiny_model: Path, tmp_path: Path, capsys
     assert cli_main(["export", str(tiny_model.parent), "-o", str(tmp_path / "ok.weights")]) == 0
     assert "wrote" in capsys.readouterr().out
     _same_bytes(tmp_path / "ok.weights", TINY_WEIGHTS)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["deploy", "train-exact-bn"])
+def test_caffemodel_saved_by_real_caffe_exports_identically(tmp_path: Path, train: bool) -> None:
+    """BVLC Caffe's own writer (pycaffe Net.save, as a training snapshot is written) round-trips too."""
+    from d2c.engines import import_caffe
+    caffe = import_caffe()
+    rep = convert(TINY_CFG, TINY_WEIGHTS, tmp_path / "m", train=train)
+    stem = "yolov3-tiny_train" if train else "yolov3-tiny"
+    net = caffe.Net(str(tmp_path / "m" / f"{stem}.prototxt"), str(tmp_path / "m" / f"{stem}.caffemodel"),
+                    caffe.TRAIN if train else caffe.TEST)
+    snapshot = tmp_path / "snap" / "iter_0.caffemodel"
+    snapshot.parent.mkdir()
+    net.save(str(snapshot))
+    assert snapshot.read_bytes() != (tmp_path / "m" / f"{stem}.caffemodel").read_bytes()   # Caffe's own encoding
+    export(snapshot, tmp_path / "snap.weights", sidecar=rep.sidecar)
+    _same_bytes(tmp_path / "snap.weights", TINY_WEIGHTS)
