@@ -358,7 +358,7 @@ def _image_problem(path: Path, mode: str) -> str | None:
 def load_samples(list_path: str | Path, classes: int, skip_bad: bool = False, *,
                  search_dirs: tuple[str | Path, ...] = (), check_images: str = "header"
                  ) -> tuple[list[Sample], list[str]]:
-    """All samples of an image list, and the problems found.
+    """All samples of an image list, and the problems found (one entry per bad sample).
 
     Relative entries are looked up in the CWD (Darknet), then `search_dirs` (e.g. the .data
     file's directory), then the list's directory; the label path is derived from the entry as
@@ -397,16 +397,16 @@ def load_samples(list_path: str | Path, classes: int, skip_bad: bool = False, *,
         issue = _image_problem(image, check_images)
         boxes, label_problems = parse_labels(label, classes)
         sample_problems = ([f"{where}: {issue}"] if issue else []) + label_problems
-        if sample_problems:
-            problems.extend(sample_problems)
+        if sample_problems:   # one entry per bad sample, so len(problems) is the number dropped
+            problems.append("\n    ".join(sample_problems))
             continue
         samples.append(Sample(image_path=image, label_path=label, boxes=boxes, source=where))
     if problems and not skip_bad:
         shown = problems[:MAX_REPORTED]
         if len(problems) > MAX_REPORTED:
             shown.append(f"... and {len(problems) - MAX_REPORTED} more")
-        raise DatasetError(f"{lp}: {len(problems)} problem(s) in {len(entries)} listed image(s); fix them or "
-                           f"pass --skip-bad to drop the bad samples", shown)
+        raise DatasetError(f"{lp}: {len(problems)} of {len(entries)} listed image(s) have problems; fix them or "
+                           f"pass --skip-bad to drop those samples", shown)
     if not samples and entries:
         raise DatasetError(f"{lp}: none of the {len(entries)} listed image(s) is usable", problems[:MAX_REPORTED])
     if not entries:

@@ -633,6 +633,9 @@ def run(args: argparse.Namespace) -> int:
     if v.exact or v.ambiguous or v.inexact:
         print(f"  BN variances      : {v.exact} exact, {v.ambiguous} with several float32 preimages "
               f"({v.overridden} resolved by the sidecar), {v.inexact} not d2c-encoded (nearest float)")
+    if rep.sums.ambiguous:
+        print(f"  BN running sums   : {rep.sums.ambiguous} of {rep.sums.exact + rep.sums.ambiguous} stock-BatchNorm "
+              f"values have two float32 preimages of 100*x (1 ulp apart); the nearer one is written")
     if rep.folded:
         print(f"  BN-folded layers  : {len(rep.folded)} exported without BN")
         print(f"  wrote             : {rep.cfg_written}")

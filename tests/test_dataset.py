@@ -201,7 +201,7 @@ def test_missing_label_unreadable_and_missing_images(tmp_path: Path) -> None:
     assert "list.txt:3: " in text and "junk.png: not an image OpenCV can read" in text
     assert "list.txt:4: image 'images/gone.png' not found" in text
     assert "list.txt:5: 'images/pic.bmp': the label rule" in text
-    with pytest.raises(DatasetError, match="4 problem\\(s\\) in 5 listed image"):
+    with pytest.raises(DatasetError, match="4 of 5 listed image\\(s\\) have problems"):
         load_samples(lst, 1)
 
 
@@ -227,6 +227,13 @@ def test_list_entries_resolve_cwd_first_then_data_dir(tmp_path: Path, monkeypatc
     samples, _ = load_split(DataSpec.load(tmp_path / "ds" / "x.data"), "train")
     assert samples[0].image_path == Path.cwd() / "images" / "a.png"
     np.testing.assert_array_equal(samples[0].boxes[0], F32([0, .25, .25, .1, .1]))
+
+
+def test_skip_bad_counts_samples_not_lines(tmp_path: Path) -> None:
+    lst = _layout(tmp_path, {"two_bad": "0 .5 .5 .2\n7 .5 .5 .2 .2\n", "ok": "0 .5 .5 .2 .2\n"})
+    samples, problems = load_samples(lst, 3, skip_bad=True)
+    assert len(samples) == 1 and len(problems) == 1
+    assert "two_bad.txt:1:" in problems[0] and "two_bad.txt:2:" in problems[0]
 
 
 def test_parse_labels_direct(tmp_path: Path) -> None:
