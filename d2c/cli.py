@@ -7,11 +7,9 @@ Every D2CError becomes one clear message (plus the collected problems) and exit 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from d2c.errors import D2CError
 
@@ -86,27 +84,24 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lazy(name: str, module: str, helptext: str) -> tuple[str, str, str]:
-    return name, module, helptext
-
-
-# Subcommands implemented in their own modules, each providing add_arguments(p) and run(args).
-LAZY_COMMANDS = [
-    _lazy("parity", "d2c.parity", "run real Darknet and Caffe side by side: forward, loss, gradient, N-step update"),
-    _lazy("train", "d2c.train", "train a Darknet cfg in Caffe from a Darknet-style dataset"),
-    _lazy("export", "d2c.export", "Caffe caffemodel -> Darknet .weights"),
-    _lazy("bench", "d2c.bench", "conversion, forward and training speed side by side"),
+# Subcommands implemented in their own modules, each providing add_arguments(p) and run(args);
+# those modules keep heavy imports (pycaffe, the Darknet library) inside run().
+MODULE_COMMANDS = [
+    ("parity", "d2c.parity", "run real Darknet and Caffe side by side: forward, loss, gradient, N-step update"),
+    ("train", "d2c.train", "train a Darknet cfg in Caffe from a Darknet-style dataset"),
+    ("export", "d2c.export", "Caffe caffemodel -> Darknet .weights"),
+    ("bench", "d2c.bench", "conversion, forward and training speed side by side"),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2c", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="d2c", description="Port Darknet YOLO models to stock Caffe and prove the port is exact.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_detect(sub)
     _add_info(sub)
-    for name, module, helptext in LAZY_COMMANDS:
+    for name, module, helptext in MODULE_COMMANDS:
         p = sub.add_parser(name, help=helptext)
         try:
             mod = __import__(module, fromlist=["add_arguments"])

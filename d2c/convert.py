@@ -132,6 +132,9 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
             write_caffemodel(conv.net, stage / files["caffemodel"].name)
             atomic_write_text(stage / files["prototxt"].name, header_comment(conv) + to_prototxt(conv.net))
             sidecar = dict(conv.sidecar, prototxt=files["prototxt"].name, caffemodel=files["caffemodel"].name)
+            # The few pjreddie variances whose float32 var' has two preimages: export stays byte-exact.
+            from d2c.export import exact_variance_overrides
+            sidecar["bn_exact"] = exact_variance_overrides(graph, arrays)
             atomic_write_text(stage / files["sidecar"].name, json.dumps(sidecar, indent=1) + "\n")
             if train_conv is not None:
                 from d2c.train_files import write_train_files
