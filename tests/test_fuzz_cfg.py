@@ -35,10 +35,13 @@ CFG_BYTES = {p: p.read_bytes() for p in CFG_FILES}
 
 FUZZ_EXAMPLES = int(os.environ.get("D2C_FUZZ_EXAMPLES", "0"))
 LONG_RUN = FUZZ_EXAMPLES > 0
-# Networks this small are converted all the way to files; bigger ones stop before writing
-# (their conversion is the same code, only slower).
+# Networks this small (floats in the Caffe model) are converted all the way to files; bigger
+# ones stop before writing (their conversion is the same code, only slower).
 FULL_CONVERT_PARAMS = 300_000
 SLOW_EXAMPLE_SECONDS = 20.0
+# reorg3d's fixed space-to-depth kernel is 16 C^2 floats, so real cfgs already emit millions;
+# the bound catches the absurd (a 20000-channel reorg asks for 24 GiB).
+MAX_HELPER_FLOATS = 1 << 27
 
 BAD_NUMBERS = ["0", "-1", "-3", "100000", "10000000", "1000000000000000000", "9" * 40, "1e400", "-1e400",
                "nan", "inf", "-inf", "3.5", "-0.5", "abc", "0x10", "1,2", "-", "1e9", "2147483648",
@@ -169,9 +172,14 @@ def convert_or_refuse(cfg_path: Path, out: Path) -> str:
     """Convert the cfg (to files when small); return the outcome or raise if the property fails."""
     try:
         graph = build_graph(parse_cfg(cfg_path))
-        if graph.param_count() > FULL_CONVERT_PARAMS:
-            conv = build_conversion(graph, zero_weights(graph), WeightsHeader(), ConvertOptions(flavor=graph.flavor))
-            assert len(conv.net.layers) >= len(graph.nodes) - len(graph.heads()) > 0
+        conv = build_conversion(graph, zero_weights(graph), WeightsHeader(), ConvertOptions(flavor=graph.flavor))
+        assert len(conv.net.layers) >= len(graph.nodes) - len(graph.heads()) > 0
+        # Fixed helper weights (upsample, reorg kernels) come on top of the cfg's parameters; they
+        # must stay small, or a tiny cfg could write gigabytes (checked before anything is written).
+        emitted = sum(blob.size for layer in conv.net.layers for blob in layer.blobs)
+        assert emitted <= graph.param_count() + MAX_HELPER_FLOATS, \
+            f"{emitted:,} floats emitted for {graph.param_count():,} parameters"
+        if emitted > FULL_CONVERT_PARAMS:
             return "converted (in memory)"
         report = convert(cfg_path, None, out)
     except D2CError as exc:
