@@ -223,6 +223,7 @@ def test_fuzz_mutated_real_cfgs_convert_or_raise_d2c_error() -> None:
         run_case(case[0], case[1], counts)
 
     check()
+    print(f"mutated real cfgs: {dict(counts)}")  # shown with -s; `make fuzz` reports these counts
     total = sum(counts.values())
     # A campaign where nothing converts (or nothing fails) tests nothing: the mutations must bite
     # and must also leave many cfgs valid.
@@ -241,6 +242,7 @@ def test_fuzz_small_prefixes_write_real_files() -> None:
         run_case(source, [("prefix", keep), *ops], counts)
 
     check()
+    print(f"small prefixes: {dict(counts)}")
     assert counts["converted (files)"] > sum(counts.values()) * 0.2, counts
 
 
