@@ -7,14 +7,33 @@ PY=${1:?usage: build_caffe.sh PYTHON}
 CAFFE_VERSION=1.0.0+git20180821.99bd997-8
 CACHE=${D2C_CACHE:-$HOME/.cache/d2c}
 key=$("$PY" -c 'import sys, numpy; v = sys.version_info; print("py%d%d-np%s" % (v[0], v[1], numpy.__version__.split(".")[0]))')
-prefix="$CACHE/caffe-${CAFFE_VERSION//[^A-Za-z0-9.]/_}-$key"
+
+# Build flags (measured with `d2c bench`, see README): -O3 and the widest x86-64 level this CPU
+# has (v3 = AVX2+FMA+BMI2...). -ffp-contract=off keeps Caffe's own loops rounding exactly as a
+# plain build does (no silent FMA contraction), so results match the reference build bit for bit.
+# The key below includes the flags: a machine without AVX2 gets (and builds) its own copy.
+level=x86-64-v2
+v3_flags=(avx avx2 bmi1 bmi2 f16c fma abm movbe xsave)
+cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+has_v3=1
+for f in "${v3_flags[@]}"; do [[ "$cpu_flags" == *" $f "* ]] || has_v3=0; done
+[ "$has_v3" = 1 ] && level=x86-64-v3
+CXXFLAGS=${D2C_CAFFE_CXXFLAGS:-"-O3 -march=$level -ffp-contract=off"}
+# BLAS: Debian's OpenBLAS, pthread or OpenMP flavour, chosen by RUNPATH (no system alternative changes).
+BLAS=${D2C_CAFFE_BLAS:-openblas-pthread}
+case "$BLAS" in
+  openblas-pthread|openblas-openmp|openblas-serial) ;;
+  *) echo "[build_caffe] D2C_CAFFE_BLAS must be openblas-pthread, openblas-openmp or openblas-serial" >&2; exit 2;;
+esac
+flags_key=$(printf '%s|%s' "$CXXFLAGS" "$BLAS" | sha1sum | cut -c1-8)
+prefix="$CACHE/caffe-${CAFFE_VERSION//[^A-Za-z0-9.]/_}-$key-$flags_key"
 if [ -f "$prefix/.built" ]; then echo "$prefix/python"; exit 0; fi
 
 log() { echo "[build_caffe] $*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 deps=(build-essential cmake dpkg-dev quilt libboost-filesystem-dev libboost-system-dev
       libboost-thread-dev libboost-python-dev libgflags-dev libgoogle-glog-dev libhdf5-dev
-      libopenblas-dev libprotobuf-dev protobuf-compiler liblmdb-dev libsnappy-dev patchelf)
+      libopenblas-dev "lib${BLAS/-/0-}" libprotobuf-dev protobuf-compiler liblmdb-dev libsnappy-dev patchelf)
 missing=()
 for p in "${deps[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -51,22 +70,27 @@ mkdir -p "$build"  # kept until success, so a failed install step does not rebui
 pylib=$("$PY" -c 'import sysconfig,os; print(os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")))')
 pyinc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 npinc=$("$PY" -c 'import numpy; print(numpy.get_include())')
-log "configuring (python $pylib)"
+log "configuring (python $pylib; CXXFLAGS $CXXFLAGS; BLAS $BLAS)"
 cmake -S "$tree" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCPU_ONLY=ON -DUSE_OPENCV=OFF -DUSE_LEVELDB=OFF \
   -DUSE_LMDB=ON -DBUILD_python=ON -DBUILD_python_layer=ON -DBUILD_docs=OFF -DBLAS=Open \
   -Dpython_version=3 -DPYTHON_EXECUTABLE="$PY" -DPYTHON_LIBRARY="$pylib" -DPYTHON_INCLUDE_DIR="$pyinc" \
-  -DNUMPY_INCLUDE_DIR="$npinc" -DCMAKE_CXX_FLAGS="-O2 -march=x86-64-v2" >"$build/cmake.log" 2>&1 || { tail -40 "$build/cmake.log" >&2; exit 1; }
+  -DNUMPY_INCLUDE_DIR="$npinc" -DCMAKE_CXX_FLAGS="$CXXFLAGS" -DCMAKE_CXX_FLAGS_RELEASE="-DNDEBUG" >"$build/cmake.log" 2>&1 || { tail -40 "$build/cmake.log" >&2; exit 1; }
 log "building (about 3 minutes on 2 cores)"
 make -C "$build" -j"$(nproc)" caffe pycaffe >"$build/make.log" 2>&1 || { tail -60 "$build/make.log" >&2; exit 1; }
 rm -rf "$prefix"; mkdir -p "$prefix"
 cp -rL "$tree/python" "$prefix/python"
 cp -L "$build"/lib/_caffe.so "$prefix/python/caffe/_caffe.so"
 cp -a "$build"/lib/libcaffe.so* "$prefix/python/caffe/"
-# The build tree is deleted below: make the extension find libcaffe beside itself.
+# The build tree is deleted below: make the extension find libcaffe beside itself, and load the
+# chosen OpenBLAS flavour (RUNPATH is searched before the system default libopenblas.so.0).
+blasdir="/usr/lib/$(gcc -print-multiarch)/$BLAS"
+[ -f "$blasdir/libopenblas.so.0" ] || { echo "[build_caffe] $blasdir/libopenblas.so.0 missing" >&2; exit 1; }
 for lib in "$prefix/python/caffe/_caffe.so" "$prefix"/python/caffe/libcaffe.so.*; do
-  [ -L "$lib" ] || patchelf --set-rpath '$ORIGIN:/usr/lib/x86_64-linux-gnu/hdf5/serial' "$lib"
+  [ -L "$lib" ] || patchelf --set-rpath "\$ORIGIN:$blasdir:/usr/lib/x86_64-linux-gnu/hdf5/serial" "$lib"
 done
 cp -r "$build/include" "$prefix/include" 2>/dev/null || true
+printf '{"caffe": "%s", "cxxflags": "%s", "blas": "%s", "blas_dir": "%s", "key": "%s-%s"}\n' \
+  "$CAFFE_VERSION" "$CXXFLAGS" "$BLAS" "$blasdir" "$key" "$flags_key" > "$prefix/build-info.json"
 touch "$prefix/.built"
 rm -rf "$build"
 echo "$prefix/python"
