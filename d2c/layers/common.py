@@ -1,7 +1,7 @@
 """Pieces several converters share: activations and per-layer learning-rate multipliers."""
 from __future__ import annotations
 
-from d2c.caffe.emitter import Emitter
+from d2c.caffe.emitter import Emitter, Head
 from d2c.errors import UnsupportedLayerError
 from d2c.layers.base import Node
 
@@ -70,3 +70,15 @@ def emit_activation(em: Emitter, node: Node, blob: str, act: str) -> str:
 def lr_scale(node: Node) -> float:
     """Darknet's per-layer `learning_rate` key: a multiplier on the global rate (Caffe lr_mult)."""
     return node.section.get_float("learning_rate", 1.0)
+
+
+def emit_head(em: Emitter, node: Node) -> None:
+    """A detection head adds no deploy layer: its input blob becomes a net output, recorded with
+    the attributes decoding needs; train nets attach the Python loss layer to it."""
+    blob = em.blob(node.inputs[0])
+    em.heads.append(Head(index=node.index, kind=node.kind, blob=blob, shape=node.in_shape,
+                         attrs=dict(node.attrs)))
+    em.blob_of[node.index] = blob
+    if em.training:
+        from d2c.loss.emit import emit_loss_layer
+        emit_loss_layer(em, node, blob)

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from d2c.caffe.emitter import Emitter, Head
+from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
 from d2c.errors import CfgError, UnsupportedLayerError
 from d2c.layers.base import LayerConverter, Node, positive, register
+from d2c.layers.common import emit_head
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
@@ -54,9 +55,6 @@ class Detection(LayerConverter):
                     out_shape=(c, h, w), attrs=attrs)
 
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
-        blob = em.blob(node.inputs[0])
         if em.training:
             raise UnsupportedLayerError(f"{node.where}: training a YOLOv1 [detection] head is not supported")
-        em.heads.append(Head(index=node.index, kind=self.section, blob=blob, shape=node.in_shape,
-                             attrs=dict(node.attrs)))
-        em.blob_of[node.index] = blob
+        emit_head(em, node)
