@@ -62,17 +62,14 @@ def diff(reference: np.ndarray, other: np.ndarray) -> tuple[float, float, float]
 
 def head_forward(node: Node, z: np.ndarray, graph: Graph) -> np.ndarray:
     """Darknet's in-layer activation of a [yolo]/[region] head, applied to the raw Caffe blob."""
-    a = node.attrs
-    if node.kind == "yolo":
-        from d2c.loss.yolo import YoloParams, yolo_forward
-        params = YoloParams(classes=a["classes"], mask=tuple(a["mask"]), anchors=tuple(a["anchors"]),
-                            net_w=graph.net.width, net_h=graph.net.height, flavor=graph.flavor,
-                            scale_x_y=a["scale_x_y"], new_coords=bool(a["new_coords"]))
-        return yolo_forward(z, params)
+    from d2c.loss.emit import head_params_json
     from d2c.loss.region import RegionParams, region_forward
-    params = RegionParams(classes=a["classes"], num=a["num"], anchors=tuple(a["anchors"]),
-                          softmax=bool(a["softmax"]), background=bool(a["background"]))
-    return region_forward(z, params)
+    from d2c.loss.yolo import YoloParams, yolo_forward
+
+    params = head_params_json(node.kind, node.attrs, graph.net.width, graph.net.height, graph.flavor)
+    if node.kind == "yolo":
+        return yolo_forward(z, YoloParams.from_json(params))
+    return region_forward(z, RegionParams.from_json(params))
 
 
 def random_input(graph: Graph, batch: int, seed: int) -> np.ndarray:

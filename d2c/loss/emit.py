@@ -31,7 +31,7 @@ REGION_BOXES = 30
 TRUTH_BLOB = "truth"
 
 
-def _params_json(kind: str, attrs: dict[str, Any], net_w: int, net_h: int, flavor: str) -> dict[str, Any]:
+def head_params_json(kind: str, attrs: dict[str, Any], net_w: int, net_h: int, flavor: str) -> dict[str, Any]:
     """The YoloParams/RegionParams JSON for a head, from the attributes its converter recorded."""
     cls = YoloParams if kind == "yolo" else RegionParams
     known = {f.name: f.type for f in fields(cls)}
@@ -61,7 +61,7 @@ def emit_loss_layer(em: Emitter, node: Node, blob: str) -> None:
     if kind not in LAYER_CLASS:
         raise UnsupportedLayerError(f"{node.where}: no training loss for [{kind}]")
     _c, net_h, net_w = em.input_shape
-    params = _params_json(kind, node.attrs, net_w, net_h, em.options.flavor)
+    params = head_params_json(kind, node.attrs, net_w, net_h, em.options.flavor)
     try:  # validate now, so a bad head fails at convert time with the cfg line, not in Caffe
         (YoloParams if kind == "yolo" else RegionParams).from_json(params)
     except D2CError as exc:
