@@ -380,16 +380,28 @@ def blas_env(threads: int) -> dict[str, str]:
 
 def measure_forward(cfg: Path, weights: Path, deploy: Path, folded: Path, x_path: Path,
                     opts: BenchOptions, bar: Any, model: str) -> dict[str, Any]:
+    """Median of N after warm-up per engine, interleaved round by round; an engine that cannot
+    load this model (e.g. Debian's Darknet on an AlexeyAB cfg) is reported, not fatal."""
     specs = forward_engines(cfg, weights, deploy, folded, x_path, opts)
     workers: dict[str, Worker] = {}
     info: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     times: dict[str, list[float]] = {s.name: [] for s in specs}
     cpu: dict[str, list[float]] = {s.name: [] for s in specs}
     try:
         for s in specs:
             bar.set_postfix_str(f"{model}: loading {s.name}")
-            workers[s.name] = Worker(s.name, s.env)
-            info[s.name] = workers[s.name].request(s.load)
+            worker = Worker(s.name, s.env)
+            try:
+                info[s.name] = worker.request(s.load)
+                worker.request({"op": "forward"})  # a first forward proves the engine runs this model
+            except EngineError as exc:
+                failed[s.name] = str(exc)
+                worker.close()
+                continue
+            workers[s.name] = worker
+        if not workers:
+            raise EngineError(f"no engine could run {model}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         warm: dict[str, float] = {}
         for name, w in workers.items():
             bar.set_postfix_str(f"{model}: warm-up {name}")
@@ -398,7 +410,7 @@ def measure_forward(cfg: Path, weights: Path, deploy: Path, folded: Path, x_path
                 elapsed = w.request({"op": "forward"})["ms"] / 1e3
                 time.sleep(ENGINE_GAP_S)
             warm[name] = elapsed
-        # Slow engines (Darknet on yolov3 takes ~15 s a forward) get fewer runs, never fewer than 2.
+        # Slow engines (Darknet on yolov3 takes ~10 s a forward) get fewer runs, never fewer than 2.
         planned = {name: opts.repeat if warm[name] <= 0 else
                    max(min(2, opts.repeat), min(opts.repeat, int(opts.budget_s / warm[name])))
                    for name in workers}
@@ -423,22 +435,33 @@ def measure_forward(cfg: Path, weights: Path, deploy: Path, folded: Path, x_path
     forward: dict[str, Any] = {}
     for s in specs:
         ts = times[s.name]
+        if s.name in failed:
+            forward[s.name] = {"error": failed[s.name], "threads": s.threads, "files": _forward_files(s.name)}
+            continue
         forward[s.name] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "runs": len(ts),
                            "cpu_ms": statistics.median(cpu[s.name]), "threads": s.threads,
                            "files": _forward_files(s.name), **{k: v for k, v in info[s.name].items()
                                                               if k in ("blas", "opencv_threads", "profile")}}
-    forward_ms = {name: round(forward[name]["median_ms"], 2) for name in FORWARD_ENGINES}
-    one_thread = {name[:-3]: round(v["median_ms"], 2) for name, v in forward.items() if name.endswith("_1t")}
-    dk = forward_ms["darknet"]
-    ratios = {"darknet_over_caffe": dk / forward_ms["caffe"],
-              "darknet_over_caffe_folded": dk / forward_ms["caffe_folded"],
-              "caffe_folded_over_opencv_caffe": forward_ms["caffe_folded"] / forward_ms["opencv_caffe"],
-              "caffe_folded_over_opencv_darknet": forward_ms["caffe_folded"] / forward_ms["opencv_darknet"]}
+
+    def ms(name: str) -> float | None:
+        value = forward.get(name, {}).get("median_ms")
+        return None if value is None else round(value, 2)
+
+    def ratio(a: str, b: str) -> float | None:
+        x, y = ms(a), ms(b)
+        return None if x is None or y is None else x / y
+
+    forward_ms = {name: ms(name) for name in FORWARD_ENGINES}
+    one_thread = {name[:-3]: ms(name) for name in forward if name.endswith("_1t")}
+    ratios = {"darknet_over_caffe": ratio("darknet", "caffe"),
+              "darknet_over_caffe_folded": ratio("darknet", "caffe_folded"),
+              "caffe_folded_over_opencv_caffe": ratio("caffe_folded", "opencv_caffe"),
+              "caffe_folded_over_opencv_darknet": ratio("caffe_folded", "opencv_darknet")}
     if one_thread:
-        ratios["darknet_over_caffe_folded_1t"] = dk / one_thread["caffe_folded"]
-        ratios["caffe_folded_over_opencv_caffe_1t"] = one_thread["caffe_folded"] / one_thread["opencv_caffe"]
+        ratios["darknet_over_caffe_folded_1t"] = ratio("darknet", "caffe_folded_1t")
+        ratios["caffe_folded_over_opencv_caffe_1t"] = ratio("caffe_folded_1t", "opencv_caffe_1t")
     return {"forward_ms": forward_ms, "forward_ms_1thread": one_thread or None, "forward": forward,
-            "forward_ratios": ratios}
+            "forward_ratios": ratios, "forward_errors": failed or None}
 
 
 def _forward_files(engine: str) -> str:
@@ -478,6 +501,9 @@ def measure_train(cfg: Path, weights: Path, work: Path, opts: BenchOptions) -> d
                          "caffemodel": str(files["train_train.caffemodel"]), "batch": b, **common})
         caffe_w.request({"op": "train"})       # warm-up: the first pass allocates every blob and diff
         caffe_iters = [caffe_w.request({"op": "train"}) for _ in range(caffe_runs)]
+    except EngineError as exc:
+        return {"train": {"reason": f"Caffe training iteration failed: {exc}"},
+                "loss_layer_share": None, "train_iter_ratio": None}
     finally:
         caffe_w.close()
     # Darknet allocates everything when it parses the cfg: one iteration, no warm-up (it is slow).
@@ -486,6 +512,9 @@ def measure_train(cfg: Path, weights: Path, work: Path, opts: BenchOptions) -> d
         dark_w.request({"op": "load_train", "engine": "darknet", "cfg": str(train_cfg),
                         "weights": str(weights), "batch": b, **common})
         dark_iter = dark_w.request({"op": "train"})
+    except EngineError as exc:
+        return {"train": {"reason": f"Darknet training iteration failed: {exc}"},
+                "loss_layer_share": None, "train_iter_ratio": None}
     finally:
         dark_w.close()
     caffe_ms = statistics.median(r["ms"] for r in caffe_iters)
@@ -1031,7 +1060,7 @@ def format_report(report: dict[str, Any]) -> str:
         cells = []
         for e in engines:
             v = r["forward"].get(e)
-            cells.append(f" {'':>17s}" if v is None else
+            cells.append(f" {'':>17s}" if v is None else f" {'failed':>17s}" if "error" in v else
                          f" {v['median_ms']:9.1f} ({v['runs']:2d},{v['threads']}t)")
         lines.append(f"{r['name']:14s}" + "".join(cells))
     lines += ["", "ratios: Darknet / Caffe --fold-bn (target >= 6.7), Caffe --fold-bn / OpenCV on the same files "
@@ -1040,12 +1069,14 @@ def format_report(report: dict[str, Any]) -> str:
         fr = r["forward_ratios"]
         extra = ""
         if "darknet_over_caffe_folded_1t" in fr:
-            extra = (f"; at 1 thread: {fr['darknet_over_caffe_folded_1t']:.2f}x, "
-                     f"{fr['caffe_folded_over_opencv_caffe_1t']:.2f}")
-        lines.append(f"  {r['name']:14s} Darknet/Caffe {fr['darknet_over_caffe']:.2f}x, "
-                     f"Darknet/Caffe-folded {fr['darknet_over_caffe_folded']:.2f}x, "
-                     f"Caffe-folded/OpenCV-Caffe {fr['caffe_folded_over_opencv_caffe']:.2f}, "
-                     f"/OpenCV-Darknet {fr['caffe_folded_over_opencv_darknet']:.2f}{extra}")
+            extra = (f"; at 1 thread: {_fmt(fr['darknet_over_caffe_folded_1t'], '.2f', 'x')}, "
+                     f"{_fmt(fr['caffe_folded_over_opencv_caffe_1t'])}")
+        lines.append(f"  {r['name']:14s} Darknet/Caffe {_fmt(fr['darknet_over_caffe'], '.2f', 'x')}, "
+                     f"Darknet/Caffe-folded {_fmt(fr['darknet_over_caffe_folded'], '.2f', 'x')}, "
+                     f"Caffe-folded/OpenCV-Caffe {_fmt(fr['caffe_folded_over_opencv_caffe'])}, "
+                     f"/OpenCV-Darknet {_fmt(fr['caffe_folded_over_opencv_darknet'])}{extra}")
+        for engine, error in (r.get("forward_errors") or {}).items():
+            lines.append(f"    {engine} failed: {error}")
     lines += ["", "where the time goes (per-layer profile, ms by layer type)"]
     for r in report["models"].values():
         for engine in PROFILED_ENGINES:

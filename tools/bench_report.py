@@ -44,7 +44,7 @@ def render(report: dict[str, Any]) -> str:
         cells = []
         for key in [k for k, _ in ENGINES] + ["caffe_folded_1t", "opencv_caffe_1t"]:
             v = r["forward"].get(key)
-            cells.append("" if v is None else f"{v['median_ms']:.1f} ({v['runs']})")
+            cells.append("" if v is None else "failed" if "error" in v else f"{v['median_ms']:.1f} ({v['runs']})")
         out.append(f"| {r['name']} ({r['input_shape'][3]}x{r['input_shape'][2]}) | " + " | ".join(cells) + " |")
     trained = [r for r in report["models"].values() if (r.get("train") or {}).get("caffe_ms")]
     if trained:
