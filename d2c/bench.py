@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                           "plus yolov3 with seeded random weights)")
     p.add_argument("weights", nargs="?", help=".weights for CFG (default: seeded random weights)")
     p.add_argument("--repeat", type=int, default=None,
-                   help="timed runs per engine after warm-up (default 10; 2 with --quick)")
+                   help="timed runs per engine after warm-up (default 7; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per engine first (default 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for Caffe (OpenBLAS) and OpenCV (default: all cores); Darknet is single-threaded")
@@ -99,7 +99,7 @@ class ModelSpec:
 
 @dataclass
 class BenchOptions:
-    repeat: int = 10
+    repeat: int = 7
     warmup: int = 1
     threads: int = 2
     train_batch: int = 16
@@ -114,7 +114,7 @@ class BenchOptions:
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     quick = bool(args.quick)
     opts = BenchOptions(
-        repeat=args.repeat if args.repeat is not None else (2 if quick else 10),
+        repeat=args.repeat if args.repeat is not None else (2 if quick else 7),
         warmup=args.warmup,
         threads=args.threads or len(os.sched_getaffinity(0)),
         train_batch=args.train_batch or (2 if quick else 16),
