@@ -14,6 +14,8 @@ DARKNET_LIB = Path("/usr/lib/darknet/libdarknet.so")
 def import_caffe() -> ModuleType:
     """Import pycaffe quietly (glog), or explain how to get it."""
     os.environ.setdefault("GLOG_minloglevel", "2")
+    # Idle OpenBLAS threads otherwise spin and slow the next layer on 2 cores (measured by d2c bench).
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     try:
         import caffe  # type: ignore[import-not-found]
     except ImportError as exc:

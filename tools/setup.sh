@@ -14,10 +14,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,caffe]' 2>&1 | grep -v '^WARNING: Location' || true
-# pycaffe: reuse an importable one, else build Debian's caffe source once into the cache.
-if ! .venv/bin/python -c 'import caffe' >/dev/null 2>&1; then
+# pycaffe: reuse one the environment already has; otherwise (or when it is ours) ask the cached
+# build for its path: instant when built, and a change of build flags rebuilds it once.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -f "$site/d2c_caffe.pth" ] || ! .venv/bin/python -c 'import caffe' >/dev/null 2>&1; then
   caffe_py=$(bash tools/build_caffe.sh "$(pwd)/.venv/bin/python")
-  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "$caffe_py" > "$site/d2c_caffe.pth"
 fi
 GLOG_minloglevel=2 .venv/bin/python -c 'import caffe, d2c, cv2; print("[setup] caffe, d2c and OpenCV", cv2.__version__, "import fine")'
