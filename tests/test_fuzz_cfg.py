@@ -173,7 +173,8 @@ def convert_or_refuse(cfg_path: Path, out: Path) -> str:
     try:
         graph = build_graph(parse_cfg(cfg_path))
         conv = build_conversion(graph, zero_weights(graph), WeightsHeader(), ConvertOptions(flavor=graph.flavor))
-        assert len(conv.net.layers) >= len(graph.nodes) - len(graph.heads()) > 0
+        # Every Darknet layer has a Caffe blob (identity layers such as reorg3d stride=1 emit none).
+        assert {n.index for n in graph.nodes} <= set(conv.emitter.blob_of), "a layer without a Caffe blob"
         # Fixed helper weights (upsample, reorg kernels) come on top of the cfg's parameters; they
         # must stay small, or a tiny cfg could write gigabytes (checked before anything is written).
         emitted = sum(blob.size for layer in conv.net.layers for blob in layer.blobs)
