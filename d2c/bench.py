@@ -939,14 +939,12 @@ def machine_info(opts: BenchOptions) -> dict[str, Any]:
 
 def _engine_versions(results: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(ImportError):
         import cv2
         out["opencv"] = cv2.__version__
-    caffe_dir = None
-    with contextlib.suppress(Exception):
-        import importlib.util
-        found = importlib.util.find_spec("caffe")
-        caffe_dir = Path(found.origin).parent if found and found.origin else None
+    import importlib.util
+    found = importlib.util.find_spec("caffe")
+    caffe_dir = Path(found.origin).parent if found and found.origin else None
     out["caffe"] = {"path": str(caffe_dir) if caffe_dir else None, "build": caffe_build_info(caffe_dir)}
     for record in results:
         blas = (record.get("forward", {}).get("caffe") or {}).get("blas")

@@ -229,14 +229,16 @@ def test_sidecar_overrides_make_ambiguous_variances_exact(tmp_path: Path) -> Non
     src = tmp_path / "src.weights"
     write_weights(src, WeightsHeader(), graph, arrays)
     rep = convert(cfg, src, tmp_path / "m")
-    plain = export(rep.caffemodel, tmp_path / "plain.weights")
-    assert plain.variance.ambiguous == 8
-    assert (tmp_path / "plain.weights").read_bytes() != src.read_bytes()
-    # The fix a sidecar can carry: the exact variances, keyed by the stored var' bits.
+    # convert records the exact variances in the sidecar, keyed by the stored var' bits ...
     overrides = exact_variance_overrides(graph, arrays)
     assert len(overrides["0"]) == 8
     sidecar = json.loads(rep.sidecar.read_text())
-    sidecar["bn_exact"] = overrides
+    assert sidecar["bn_exact"] == overrides
+    # ... without them the float32 var' alone cannot tell the 8 variances from their neighbours.
+    rep.sidecar.write_text(json.dumps({k: v for k, v in sidecar.items() if k != "bn_exact"}))
+    plain = export(rep.caffemodel, tmp_path / "plain.weights")
+    assert plain.variance.ambiguous == 8
+    assert (tmp_path / "plain.weights").read_bytes() != src.read_bytes()
     rep.sidecar.write_text(json.dumps(sidecar))
     fixed = export(rep.caffemodel, tmp_path / "fixed.weights")
     assert fixed.variance.overridden == 8
