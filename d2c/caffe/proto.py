@@ -1040,6 +1040,7 @@ class _Parser:
         self.path = path
         self.tokens = _tokenize(text, path)
         self.pos = 0
+        self.depth = 0
 
     # -- token helpers
     def peek(self) -> _Token | None:
@@ -1117,7 +1118,13 @@ class _Parser:
         if fld is not None and fld.kind != "message":
             raise self.error(opener, f"'{name.text}' is a {fld.kind} field, not a message")
         close = "}" if opener.text == "{" else ">"
-        return self.message(fld.ref if fld else None, close, opener.line)
+        if self.depth >= MAX_PROTOTXT_DEPTH:  # protobuf's own text parser stops at 100 too
+            raise self.error(opener, f"messages nested deeper than {MAX_PROTOTXT_DEPTH} levels")
+        self.depth += 1
+        try:
+            return self.message(fld.ref if fld else None, close, opener.line)
+        finally:
+            self.depth -= 1
 
     def scalar(self, name: _Token, fld: Field | None) -> Any:
         token = self.take()
@@ -1226,6 +1233,9 @@ class _Parser:
         else:
             out[key] = [out[key], *values]
             listed.add(key)
+
+
+MAX_PROTOTXT_DEPTH = 100
 
 
 def parse_prototxt(text: str, path: str = "<prototxt>", message: str | None = "NetParameter") -> dict:
