@@ -14,7 +14,10 @@ from d2c.layers.base import Node, Shape
 
 # Refuse absurd networks before allocating anything (issue: resource limits).
 MAX_BLOB_FLOATS = 1 << 31          # one activation blob per image
-MAX_PARAM_FLOATS = 1 << 31         # all parameters together (8 GiB of float32)
+# All parameters together: 1 GiB of float32, 4x yolov4. `convert` without weights peaks near 30
+# bytes per parameter (float64 draws, float32 copies, encoding), so the former 8 GiB limit let a
+# fuzzed cfg get OOM-killed on a 24 GiB machine.
+MAX_PARAM_FLOATS = 1 << 28
 MAX_ACTIVATION_FLOATS = 1 << 32    # every layer's output for one image together (16 GiB of float32)
 
 ALEXEYAB_SECTIONS = frozenset({"sam", "scale_channels", "reorg3d", "implicit_add", "implicit_mul",
@@ -196,8 +199,8 @@ def _build_graph(cfg: Cfg, flavor: str, reason: str, continue_on_error: bool) ->
                             f"{MAX_ACTIVATION_FLOATS * 4 / 2**30:.0f} GiB); refusing")
             break
         if total_params > MAX_PARAM_FLOATS:
-            problems.append(f"{sec.where}: network needs over {total_params * 4 / 2**30:.1f} GiB "
-                            f"of parameters (limit {MAX_PARAM_FLOATS * 4 / 2**30:.0f} GiB); refusing")
+            problems.append(f"{sec.where}: network needs over {total_params * 4 / 2**30:.1f} GiB of parameters "
+                            f"({total_params:,} floats; limit {MAX_PARAM_FLOATS * 4 / 2**30:.0f} GiB); refusing")
             break
         builder.nodes.append(node)
         warnings.extend(f"{cfg.path}:{opt.line}: [{sec.raw_type}] unknown key '{key}' (ignored)"
