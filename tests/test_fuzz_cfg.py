@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
 import time
 import tracemalloc
@@ -42,6 +43,7 @@ SLOW_EXAMPLE_SECONDS = 20.0
 # reorg3d's fixed space-to-depth kernel is 16 C^2 floats, so real cfgs already emit millions;
 # the bound catches the absurd (a 20000-channel reorg asks for 24 GiB).
 MAX_HELPER_FLOATS = 1 << 27
+FUZZ_MEMORY_BYTES = 6 << 30
 
 BAD_NUMBERS = ["0", "-1", "-3", "100000", "10000000", "1000000000000000000", "9" * 40, "1e400", "-1e400",
                "nan", "inf", "-inf", "3.5", "-0.5", "abc", "0x10", "1,2", "-", "1e9", "2147483648",
@@ -209,13 +211,28 @@ def run_case(source: Path, ops: list[tuple], counts: Counter) -> None:
     counts[outcome.split(":")[0]] += 1
 
 
+@pytest.fixture()
+def memory_cap():
+    """Cap this process's address space while fuzzing: a cfg that makes d2c allocate gigabytes
+    must fail the test with a MemoryError, not get the whole machine OOM-killed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as status:
+        in_use = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    cap = in_use + FUZZ_MEMORY_BYTES
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def test_every_real_cfg_converts_unmutated(tmp_path: Path) -> None:
     """The baseline the mutations start from: each real cfg either builds or is refused clearly."""
     outcomes = {p.name: convert_or_refuse(p, tmp_path / p.stem) for p in CFG_FILES}
     assert sum(o.startswith("converted") for o in outcomes.values()) >= len(CFG_FILES) - 4, outcomes
 
 
-def test_fuzz_mutated_real_cfgs_convert_or_raise_d2c_error() -> None:
+def test_fuzz_mutated_real_cfgs_convert_or_raise_d2c_error(memory_cap) -> None:
     counts: Counter = Counter()
 
     @fuzz_settings(1000)
@@ -233,7 +250,7 @@ def test_fuzz_mutated_real_cfgs_convert_or_raise_d2c_error() -> None:
     assert counts["converted (files)"] > 0, counts
 
 
-def test_fuzz_small_prefixes_write_real_files() -> None:
+def test_fuzz_small_prefixes_write_real_files(memory_cap) -> None:
     """Short prefixes of real cfgs are small enough to write to disk every time."""
     counts: Counter = Counter()
 
@@ -278,6 +295,9 @@ CONV = "[convolutional]\nfilters=8\nsize=3\npad=1\nactivation=leaky\n"
     ((NET + "[convolutional]\nfilters=1_000\n").encode(), CfgError, ["'filters'", "expects an integer"]),
     ((NET + "[convolutional]\nfilters=\u0663\n").encode(), CfgError, ["'filters'", "expects an integer"]),
     ((NET + "[convolutional]\nfilters=" + "7" * 5000 + "\n").encode(), CfgError, ["(5000 characters)"]),
+    # 400M BN-conv parameters: conversion would need ~12 GiB; refused before allocating.
+    (b"[net]\nwidth=1\nheight=1\nchannels=1\n[convolutional]\nfilters=80000000\nsize=1\nbatch_normalize=1\n",
+     CfgError, ["1.5 GiB of parameters", "400,000,000 floats", "limit 1 GiB"]),
     # Each number fits an int, but weights = filters x 3 x 46341^2 overflows a 64-bit product.
     (b"[net]\nwidth=1\nheight=1\nchannels=3\n[convolutional]\nfilters=2147483647\nsize=46341\npad=1\n",
      CfgError, ["GiB of parameters", "refusing"]),
