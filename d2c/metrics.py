@@ -201,7 +201,8 @@ class CaffeDetector:
         image = load_image_rgb(image_path)
         _, im_h, im_w = image.shape
         outputs = self.forward(letterbox(image, self.width, self.height))
-        dets = decode_heads(outputs, self.sidecar, im_w, im_h, thresh)
+        with np.errstate(over="ignore"):   # exp(-z) of a very negative logit: probability 0, as in Darknet
+            dets = decode_heads(outputs, self.sidecar, im_w, im_h, thresh)
         return do_nms_sort(dets, self.classes, nms) if nms else dets
 
 

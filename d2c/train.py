@@ -282,20 +282,41 @@ class BatchSource:
 # Plots (OpenCV only: matplotlib is not a dependency)
 # --------------------------------------------------------------------------------------------
 
-def _nice_ticks(lo: float, hi: float, count: int = 6) -> list[float]:
+def _nice_ticks(lo: float, hi: float, count: int = 6, integer: bool = False) -> list[float]:
     if not math.isfinite(lo) or not math.isfinite(hi) or hi <= lo:
         return [lo]
     raw = (hi - lo) / count
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    if integer:
+        step = max(1, round(step))
     first = math.ceil(lo / step) * step
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def plot_curves(path: str | Path, curves: list[tuple[str, list[float], list[float], tuple[int, int, int]]], *,
-                title: str, xlabel: str = "iteration", ylabel: str = "loss", log_y: bool | None = None,
-                size: tuple[int, int] = (960, 540)) -> None:
-    """Line plot of (label, xs, ys, BGR colour) curves to a PNG, atomically, with axes and a legend.
+Curve = tuple[str, list[float], list[float], tuple[int, int, int]]
+
+
+def plot_curves(path: str | Path, curves: list[Curve], *, title: str, xlabel: str = "iteration",
+                ylabel: str = "loss", log_y: bool | None = None, size: tuple[int, int] = (960, 540)) -> None:
+    """Line plot of (label, xs, ys, BGR colour) curves to a PNG, atomically (see render_curves)."""
+    write_png(path, render_curves(curves, title=title, xlabel=xlabel, ylabel=ylabel, log_y=log_y, size=size))
+
+
+def write_png(path: str | Path, img: np.ndarray) -> None:
+    """Encode with OpenCV and replace `path` atomically."""
+    import cv2
+
+    ok, encoded = cv2.imencode(".png", img)
+    if not ok:
+        raise D2CError(f"{path}: OpenCV could not encode the plot")
+    with atomic_write(path) as handle:
+        handle.write(encoded.tobytes())
+
+
+def render_curves(curves: list[Curve], *, title: str, xlabel: str = "iteration", ylabel: str = "loss",
+                  log_y: bool | None = None, size: tuple[int, int] = (960, 540)) -> np.ndarray:
+    """A BGR image of a line plot with axes, ticks and a legend, drawn with OpenCV only.
 
     `log_y` None: logarithmic when the positive values span more than a factor 30.
     """
@@ -334,7 +355,7 @@ def plot_curves(path: str | Path, curves: list[tuple[str, list[float], list[floa
             return int(round(u)), int(round(v))
 
         grey = (225, 225, 225)
-        for tick in _nice_ticks(x0, x1):
+        for tick in _nice_ticks(x0, x1, integer=all(float(x).is_integer() for x in xs_all)):
             u = px(tick, math.pow(10, y_lo) if log_y else y_lo)[0]
             cv2.line(img, (u, top), (u, height - bottom), grey, 1)
             label = f"{tick:g}"
@@ -346,27 +367,27 @@ def plot_curves(path: str | Path, curves: list[tuple[str, list[float], list[floa
             label = f"{value:.3g}"
             cv2.putText(img, label, (left - 10 - 9 * len(label), v + 5), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
         cv2.rectangle(img, (left, top), (width - right, height - bottom), (0, 0, 0), 1)
-        for _label, xs, ys, color in curves:
+        for k, (_label, xs, ys, color) in enumerate(curves):   # the first curve wide, so overlaps stay visible
             pts = [px(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
-            if len(pts) == 1:
-                cv2.circle(img, pts[0], 3, color, -1, cv2.LINE_AA)
-            elif pts:
-                cv2.polylines(img, [np.array(pts, np.int32)], False, color, 2, cv2.LINE_AA)
+            if len(pts) > 1:
+                cv2.polylines(img, [np.array(pts, np.int32)], False, color, 6 if k == 0 and len(curves) > 1 else 2,
+                              cv2.LINE_AA)
+            if len(pts) <= 60:
+                for pt in pts:
+                    cv2.circle(img, pt, 5 if k == 0 and len(curves) > 1 else 3, color, -1, cv2.LINE_AA)
+        legend_w = max(cv2.getTextSize(c[0], font, 0.5, 1)[0][0] for c in curves) + 50
         for k, (label, _xs, _ys, color) in enumerate(curves):
             y = top + 20 + 22 * k
-            cv2.line(img, (width - right - 260, y - 5), (width - right - 230, y - 5), color, 3, cv2.LINE_AA)
-            cv2.putText(img, label, (width - right - 222, y), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+            x = width - right - legend_w
+            cv2.line(img, (x, y - 5), (x + 30, y - 5), color, 3, cv2.LINE_AA)
+            cv2.putText(img, label, (x + 38, y), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
         cv2.putText(img, xlabel, (left + (width - left - right) // 2 - 30, height - 15), font, 0.5, (0, 0, 0), 1,
                     cv2.LINE_AA)
         cv2.putText(img, ylabel + (" (log scale)" if log_y else ""), (10, top - 8), font, 0.5, (0, 0, 0), 1,
                     cv2.LINE_AA)
     else:
         cv2.putText(img, "no finite values to plot", (left, height // 2), font, 0.7, (0, 0, 200), 1, cv2.LINE_AA)
-    ok, encoded = cv2.imencode(".png", img)
-    if not ok:
-        raise D2CError(f"{path}: OpenCV could not encode the plot")
-    with atomic_write(path) as handle:
-        handle.write(encoded.tobytes())
+    return img
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,9 +573,12 @@ class Trainer:
                 "size": [self.graph.net.width, self.graph.net.height], "overrides": self.overrides,
                 "clear": bool(o.clear),
                 "max_batches": self.max_batches}
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.cfg_path, self.cfg_text)
-        atomic_write_text(self.out / RUN_FILE, json.dumps(info, indent=1) + "\n")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.cfg_path, self.cfg_text)
+            atomic_write_text(self.out / RUN_FILE, json.dumps(info, indent=1) + "\n")
+        except OSError as exc:
+            raise self._io_error("the run description", exc) from None
 
     def _load_run_info(self) -> dict[str, Any]:
         path = self.out / RUN_FILE
@@ -710,7 +734,19 @@ class Trainer:
                 shutil.rmtree(leftover, ignore_errors=True)
 
     # -- logs ---------------------------------------------------------------------------------
+    def _io_error(self, what: str, exc: OSError) -> D2CError:
+        reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        last = f"the last snapshot is {self.last_snapshot}" if self.last_snapshot else "no snapshot was written yet"
+        return D2CError(f"cannot write {what} in {self.out}: {reason}; {last}")
+
     def write_logs(self) -> None:
+        """train_log.csv and train_log.json, each replaced atomically."""
+        try:
+            self._write_logs()
+        except OSError as exc:
+            raise self._io_error("the training log", exc) from None
+
+    def _write_logs(self) -> None:
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=LOG_FIELDS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
@@ -724,7 +760,14 @@ class Trainer:
         atomic_write_text(self.out / LOG_JSON, json.dumps(doc, indent=1, default=_json_default) + "\n")
 
     def write_plot(self) -> None:
+        """loss.png: the loss and Darknet's running average per iteration."""
         xs = [r["iteration"] for r in self.rows]
+        try:
+            self._plot(xs)
+        except OSError as exc:
+            raise self._io_error("the loss plot", exc) from None
+
+    def _plot(self, xs: list[int]) -> None:
         plot_curves(self.out / LOSS_PNG,
                     [("loss", xs, [r["loss"] if r["loss"] is not None else math.nan for r in self.rows], (200, 120, 0)),
                      ("avg loss (0.9/0.1)", xs,
@@ -854,9 +897,7 @@ class Trainer:
                     if isinstance(exc, KeyboardInterrupt):
                         self._snapshot_once()
                         raise
-                    raise NumericError(f"iteration {failing}: {exc}; training stopped. {self._save_after_nan()}; "
-                                       f"lower the learning rate in {self.cfg_path} or check the data, then "
-                                       f"--resume") from None
+                    raise NumericError(f"iteration {failing}: {exc}; training stopped. {self._save_after_nan()}")
                 del backup
                 self.write_logs()
                 self._report(bar, row)
@@ -877,8 +918,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
         final_weights = self.out / f"{self.stem}_final.weights"
-        with atomic_write(final_weights) as handle, open(final / f"{self.stem}.weights", "rb") as src:
-            shutil.copyfileobj(src, handle)
+        try:
+            with atomic_write(final_weights) as handle, open(final / f"{self.stem}.weights", "rb") as src:
+                shutil.copyfileobj(src, handle)
+        except OSError as exc:
+            raise self._io_error(final_weights.name, exc) from None
         self.write_logs()
         self.write_plot()
         result = TrainResult(out=self.out, start_iteration=self.start_iteration, iteration=self.iteration,
@@ -891,11 +935,17 @@ class Trainer:
     def _save_after_nan(self) -> str:
         """Snapshot the state before the failing iteration if it is finite; say where it is."""
         finite = all(np.all(np.isfinite(b.data)) for blobs in self.net.params.values() for b in blobs)
+        advice = "lower learning_rate in the cfg (or check the data) and train again"
         if finite:
-            return f"The state after iteration {self.iteration} is saved in {self._snapshot_once()}"
-        good = f"the last good snapshot is {self.last_snapshot}" if self.last_snapshot else "there is no snapshot"
-        return (f"The weights were already non-finite after iteration {self.iteration}, so no snapshot was "
-                f"written; {good}")
+            snap = self._snapshot_once()
+            return (f"The state after iteration {self.iteration} is saved in {snap}; {advice} from its weights "
+                    f"({snap / f'{self.stem}.weights'}) into a new --out, or --resume to retry as is")
+        if self.last_snapshot is None:
+            return (f"The weights were already non-finite after iteration {self.iteration} and there is no earlier "
+                    f"snapshot; {advice}")
+        return (f"The weights were already non-finite after iteration {self.iteration}, so no snapshot was written; "
+                f"the last good snapshot is {self.last_snapshot}; {advice} from "
+                f"{self.last_snapshot / f'{self.stem}.weights'}")
 
     def _snapshot_once(self) -> Path:
         """Snapshot unless the newest snapshot already holds this very iteration."""

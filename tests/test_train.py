@@ -125,6 +125,17 @@ def test_resume_is_bit_identical(dataset, reference, tmp_path) -> None:
         (reference[1] / "train_tiny_final.weights").read_bytes()
 
 
+def test_stock_bn_trains_and_resumes_exactly(dataset, tmp_path) -> None:
+    """--bn stock (Caffe BatchNorm, approximate): the snapshot/resume path holds for its blobs too."""
+    straight = train(options(dataset, tmp_path / "a", bn="stock", max_batches=4, snapshot_every=2))
+    assert all(math.isfinite(r["loss"]) for r in straight.rows)
+    train(options(dataset, tmp_path / "b", bn="stock", max_batches=2, snapshot_every=2))
+    resumed = train(options(dataset, tmp_path / "b", resume=True, seed=None, max_batches=4))
+    same_rows(resumed.rows, straight.rows)
+    exact = train(options(dataset, tmp_path / "c", max_batches=2))
+    assert exact.rows[0]["loss"] != straight.rows[0]["loss"]     # the BN choice is really applied
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "d2c.cli", "train", *args]
 
@@ -246,6 +257,20 @@ def test_disk_full_during_a_snapshot_keeps_the_previous_one(dataset, reference, 
     assert json.loads((tmp_path / LATEST).read_text())["iteration"] == 3
     assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["iter_000003"]
     same_rows(train(options(dataset, tmp_path, resume=True, seed=None, snapshot_every=3)).rows, result.rows)
+
+
+def test_disk_full_while_logging_is_a_clear_error(dataset, tmp_path, monkeypatch) -> None:
+    real = Trainer._write_logs
+
+    def full(self) -> None:
+        if len(self.rows) >= 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(self)
+
+    monkeypatch.setattr(Trainer, "_write_logs", full)
+    with pytest.raises(D2CError, match=r"cannot write the training log .*disk full; the last snapshot is "
+                                       r".*iter_000002"):
+        train(options(dataset, tmp_path, snapshot_every=2))
 
 
 def test_nan_loss_stops_with_a_snapshot(dataset, tmp_path, monkeypatch) -> None:
