@@ -725,7 +725,8 @@ class Trainer:
 
     def _prune(self, snaps: Path, keep: int) -> None:
         """Keep the newest `keep` snapshots; remove leftovers of snapshots a kill interrupted."""
-        complete = sorted(p for p in snaps.iterdir() if p.is_dir() and p.name.startswith("iter_"))
+        complete = sorted((p for p in snaps.iterdir() if p.is_dir() and p.name.startswith("iter_")
+                           and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
         for old in complete[:-keep]:
             if old != self.last_snapshot:
                 shutil.rmtree(old, ignore_errors=True)
