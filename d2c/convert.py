@@ -18,7 +18,7 @@ from d2c.caffe.proto import CaffeNet, to_prototxt, write_caffemodel
 from d2c.darknet.cfg import parse_cfg
 from d2c.darknet.graph import Graph, build_graph
 from d2c.darknet.weights import WeightsHeader, random_weights, read_weights
-from d2c.errors import CfgError, D2CError, ParamError
+from d2c.errors import CfgError, D2CError, ParamError, WeightsError
 from d2c.fsutil import atomic_write_text, staged_outputs
 from d2c.layers import REGISTRY
 
@@ -116,7 +116,10 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
         raise D2CError(f"output name {stem!r} must be a plain file stem (no '/')")
     out = Path(out_dir)
     options = ConvertOptions(flavor=graph.flavor, fold_bn=fold_bn, mode=DEPLOY, batch=1)
-    conv = build_conversion(graph, arrays, header, options, name=stem, progress=progress)
+    try:
+        conv = build_conversion(graph, arrays, header, options, name=stem, progress=progress)
+    except WeightsError as exc:  # values the converters refuse (e.g. negative BN variance)
+        raise WeightsError(f"{weights_path or 'random weights'}: {exc}", exc.problems) from None
     files = {"prototxt": out / f"{stem}.prototxt", "caffemodel": out / f"{stem}.caffemodel",
              "sidecar": out / f"{stem}.json"}
     extra: list[Path] = []

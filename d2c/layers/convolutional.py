@@ -13,7 +13,7 @@ import numpy as np
 
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
-from d2c.errors import CfgError, UnsupportedLayerError
+from d2c.errors import CfgError, UnsupportedLayerError, WeightsError
 from d2c.layers.base import LayerConverter, Node, ParamArray, positive, register
 from d2c.layers.common import emit_activation, lr_scale, read_activation
 
@@ -126,6 +126,7 @@ class Convolutional(LayerConverter):
             em.add("Convolution", name, [bottom], [name], [weights, arrays["biases"]],
                    convolution_param=conv_param, param=em.learnable(rho, with_bias=True))
         elif em.options.fold_bn and not em.training:
+            check_variance(node, arrays["rolling_variance"])
             w, b = fold_batchnorm(weights, arrays["scales"], arrays["biases"], arrays["rolling_mean"],
                                   arrays["rolling_variance"], a["flavor"])
             em.add("Convolution", name, [bottom], [name], [w, b], convolution_param=conv_param)
@@ -137,10 +138,19 @@ class Convolutional(LayerConverter):
         em.blob_of[node.index] = emit_activation(em, node, name, a["activation"])
 
 
+def check_variance(node: Node, variance: np.ndarray) -> None:
+    """Negative or NaN variances have no real BN denominator: refuse them, naming the layer."""
+    bad = int(np.count_nonzero(~(np.asarray(variance) >= 0)))
+    if bad:
+        raise WeightsError(f"{node.where}: rolling_variance has {bad} negative or NaN value(s); "
+                           f"the weights file does not belong to this cfg or is corrupt")
+
+
 def emit_batchnorm(em: Emitter, node: Node, blob: str, arrays: dict[str, np.ndarray], flavor: str,
                    rho: float) -> None:
     """BN (+ Scale) in place on `blob`, in the form the emitter's mode asks for."""
     mean, variance = arrays["rolling_mean"], arrays["rolling_variance"]
+    check_variance(node, variance)
     scale_blobs = [arrays["scales"], arrays["biases"]]
     scale_param = {"bias_term": True}
     if em.training and em.options.bn == "exact":
