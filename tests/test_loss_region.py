@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
+from loss_helpers import make_truth, sigmoid64
+
 from d2c.errors import ParamError
 from d2c.loss.region import RegionParams, region_forward, region_grad, region_loss
 
@@ -22,16 +24,8 @@ def rparams(**kw) -> RegionParams:
     return RegionParams(**base)
 
 
-def sigmoid64(z) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
-
-
 def truth_array(batch: int, boxes_per_image: list[list[tuple]], k: int = 30) -> np.ndarray:
-    t = np.zeros((batch, k * 5), F32)
-    for b, boxes in enumerate(boxes_per_image):
-        for n, box in enumerate(boxes):
-            t[b, 5 * n:5 * n + 5] = box
-    return t
+    return make_truth(batch, boxes_per_image, k)
 
 
 # ------------------------------------------------------------------------------------------

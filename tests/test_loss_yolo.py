@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
+from loss_helpers import make_truth, sigmoid64
+
 from d2c.errors import ParamError
 from d2c.loss.boxes import Box, box_giou, box_iou, dx_box_iou, mag_array, mag_array_sq, seq_sum_f32
 from d2c.loss.yolo import YoloParams, yolo_forward, yolo_grad, yolo_loss
@@ -23,16 +25,8 @@ def params(**kw) -> YoloParams:
     return YoloParams(**base)
 
 
-def sigmoid64(z) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
-
-
 def truth_array(batch: int, boxes_per_image: list[list[tuple]], k: int = 90) -> np.ndarray:
-    t = np.zeros((batch, k * 5), F32)
-    for b, boxes in enumerate(boxes_per_image):
-        for n, box in enumerate(boxes):
-            t[b, 5 * n:5 * n + 5] = box
-    return t
+    return make_truth(batch, boxes_per_image, k)
 
 
 def best_anchor64(w: float, h: float, anchors=ANCHORS, net_w=128, net_h=96) -> int:
