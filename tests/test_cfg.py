@@ -117,3 +117,15 @@ def test_alexeyab_cfgs_infer_their_flavor(cfg: Path) -> None:
         return
     if cfg.name not in ("yolov3-spp.cfg", "yolov3_5l.cfg", "yolov3-tiny-prn.cfg"):  # pjreddie-compatible keys only
         assert graph.flavor == "alexeyab", graph.flavor_reason
+
+
+@pytest.mark.parametrize("tail, fragment", [
+    ("[convolutional]\nfilters=100000\nsize=1\n[reorg]\nstride=1\n", "fixed weights"),
+    ("[convolutional]\nfilters=20000\nsize=1\n[reorg3d]\nstride=2\n", "fixed weights"),
+    ("[local]\nfilters=2\nsize=1\nstride=1\n", "Caffe layers"),
+])
+def test_absurd_stock_forms_are_refused_before_allocation(tmp_path: Path, tail: str, fragment: str) -> None:
+    text = "[net]\nwidth=128\nheight=128\nchannels=3\n" + tail
+    with pytest.raises(CfgError) as info:  # the graph collects the converter's refusal
+        build_graph(parse_cfg(write(tmp_path, text)))
+    assert fragment in info.value.render() and "t.cfg:" in info.value.render()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from d2c.darknet.cfg import Section
-from d2c.errors import CfgError
+from d2c.errors import CfgError, UnsupportedLayerError
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.caffe.emitter import Emitter
@@ -97,6 +97,22 @@ def register(cls: type[LayerConverter]) -> type[LayerConverter]:
         raise TypeError(f"section [{cls.section}] registered twice")
     REGISTRY[cls.section] = cls()
     return cls
+
+
+# Converters emit fixed helper weights (reorg one-hot kernels, upsample) and, for [local], layers
+# per output cell; bound both so an absurd cfg is refused before anything is allocated.
+MAX_FIXED_FLOATS = 1 << 28      # 1 GiB of fixed float32 helper weights in one layer
+MAX_CAFFE_LAYERS_PER_NODE = 20000
+
+
+def check_emitted_size(sec: Section, key: str, floats: int = 0, layers: int = 0) -> None:
+    """Refuse a section whose stock-Caffe form would need absurd fixed weights or layer counts."""
+    if floats > MAX_FIXED_FLOATS:
+        raise UnsupportedLayerError(f"{sec.where_key(key)}: its stock-Caffe form needs {floats:,} fixed weights "
+                                    f"({floats * 4 / 2**30:.1f} GiB); refusing (limit {MAX_FIXED_FLOATS:,})")
+    if layers > MAX_CAFFE_LAYERS_PER_NODE:
+        raise UnsupportedLayerError(f"{sec.where_key(key)}: its stock-Caffe form needs {layers:,} Caffe layers; "
+                                    f"refusing (limit {MAX_CAFFE_LAYERS_PER_NODE:,})")
 
 
 def positive(sec: Section, key: str, value: int) -> int:

@@ -19,7 +19,7 @@ from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
 from d2c.errors import CfgError, UnsupportedLayerError
 from d2c.layers.activation import refuse_zeroing_activation
-from d2c.layers.base import LayerConverter, Node, ParamArray, positive, register
+from d2c.layers.base import LayerConverter, Node, ParamArray, check_emitted_size, positive, register
 from d2c.layers.common import emit_activation, lr_scale, read_activation
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,6 +70,7 @@ class Local(LayerConverter):
         refuse_zeroing_activation(sec, sec.get_str("activation", "logistic"), graph.flavor)
         warnings: list[str] = []
         act = read_activation(sec, "logistic", graph.flavor, warnings)
+        check_emitted_size(sec, "size", layers=2 * out_h * out_w)  # a Crop + InnerProduct per cell
         params = [ParamArray("biases", (filters, out_h, out_w)),
                   ParamArray("weights", (out_h * out_w, filters, c, size, size))]
         return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev], in_shapes=[(c, h, w)],

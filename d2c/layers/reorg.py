@@ -14,7 +14,7 @@ import numpy as np
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
 from d2c.errors import CfgError, UnsupportedLayerError
-from d2c.layers.base import LayerConverter, Node, positive, register
+from d2c.layers.base import LayerConverter, Node, check_emitted_size, positive, register
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
@@ -57,6 +57,7 @@ class Reorg(LayerConverter):
                 raise UnsupportedLayerError(f"{sec.where_key(key)}: reorg '{key}' is not supported")
         if h % s or w % s or c % (s * s):
             raise CfgError(f"{sec.where_key('stride')}: input {c}x{h}x{w} does not divide by stride {s}")
+        check_emitted_size(sec, "stride", floats=c * (c // (s * s)) * s * s)
         return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev], in_shapes=[(c, h, w)],
                     out_shape=(c * s * s, h // s, w // s), attrs={"stride": s})
 

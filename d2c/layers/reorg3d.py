@@ -20,7 +20,7 @@ import numpy as np
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
 from d2c.errors import CfgError
-from d2c.layers.base import LayerConverter, Node, positive, register
+from d2c.layers.base import LayerConverter, Node, check_emitted_size, positive, register
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
@@ -109,6 +109,7 @@ class Reorg3d(LayerConverter):
                 raise CfgError(f"{sec.where_key('stride')}: input {h}x{w} does not divide by stride {s} "
                                f"(Darknet would read the wrong pixels)")
             out = (c * s * s, h // s, w // s)
+        check_emitted_size(sec, "stride", floats=c * c * s * s)  # one-hot kernel (out C, in C, s, s)
         return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev], in_shapes=[(c, h, w)],
                     out_shape=out, attrs={"stride": s, "reverse": reverse})
 
