@@ -448,6 +448,19 @@ def _output_layers(prototxt: Path, blobs: list[str]) -> list[str]:
     return [writer.get(b, b) for b in blobs]
 
 
+def check_model_files(prototxt: Path, caffemodel: Path) -> None:
+    """Parse both files ourselves first: a Caffe CHECK failure on a bad file would abort the process."""
+    from d2c.caffe.proto import net_from_prototxt, read_caffemodel
+    try:
+        text = Path(prototxt).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise D2CError(f"{prototxt}: not UTF-8 text (byte offset {exc.start})") from None
+    except OSError as exc:
+        raise D2CError(f"{prototxt}: cannot read: {exc.strerror}") from None
+    net_from_prototxt(text, str(prototxt))
+    read_caffemodel(caffemodel)
+
+
 class Engine:
     """A loaded converted network on pycaffe or OpenCV; forward() returns the head inputs."""
 
@@ -458,6 +471,7 @@ class Engine:
         self.engine = engine
         self.blobs = [h["blob"] for h in files.sidecar["heads"]]
         self.input_name = files.sidecar["input"].get("name", "data")
+        check_model_files(files.prototxt, files.caffemodel)
         try:
             if engine == "caffe":
                 from d2c.engines import import_caffe

@@ -628,6 +628,20 @@ def test_cli_bad_model_exit_2(tmp_path, capsys) -> None:
     assert "malformed" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("engine", ["caffe", "opencv"])
+def test_cli_truncated_caffemodel_is_an_error_not_an_abort(tiny_model, tmp_path, capsys, engine) -> None:
+    """pycaffe would CHECK-fail (abort the process) on these files; d2c reads them first."""
+    for name in ("yolov3-tiny.prototxt", "yolov3-tiny.json"):
+        (tmp_path / name).write_bytes((tiny_model / name).read_bytes())
+    (tmp_path / "yolov3-tiny.caffemodel").write_bytes((tiny_model / "yolov3-tiny.caffemodel").read_bytes()[:3000])
+    assert cli.main(["detect", str(tmp_path), str(DOG), "--engine", engine]) == 2
+    assert "truncated" in capsys.readouterr().err
+    (tmp_path / "yolov3-tiny.caffemodel").write_bytes((tiny_model / "yolov3-tiny.caffemodel").read_bytes())
+    (tmp_path / "yolov3-tiny.prototxt").write_bytes(b"name: \"caf\xe9\"\n")
+    assert cli.main(["detect", str(tmp_path), str(DOG), "--engine", engine]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+
+
 def test_class_names(tmp_path) -> None:
     coco = class_names(80)
     assert coco[0] == "person" and coco[16] == "dog" and len(coco) == 80
