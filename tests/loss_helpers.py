@@ -1,7 +1,10 @@
 """Small helpers the loss reference tests share."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 
 def sigmoid64(z) -> np.ndarray:
@@ -16,3 +19,23 @@ def make_truth(batch: int, boxes_per_image: list[list[tuple]], k: int) -> np.nda
         for n, box in enumerate(boxes):
             t[b, 5 * n:5 * n + 5] = box
     return t
+
+
+LOSS_CFG_DIR = Path(__file__).resolve().parents[1] / "cfg"
+
+
+@pytest.fixture(scope="module")
+def darknet():
+    """One Darknet child process per loss test cfg (cfg/<name>.cfg), shared by the module."""
+    from d2c.darknet.runtime import DarknetProcess
+
+    engines: dict = {}
+
+    def get(name: str):
+        if name not in engines:
+            engines[name] = DarknetProcess(LOSS_CFG_DIR / f"{name}.cfg")
+        return engines[name]
+
+    yield get
+    for engine in engines.values():
+        engine.close()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from loss_helpers import make_truth, sigmoid64
+from loss_helpers import darknet, make_truth, sigmoid64  # noqa: F401  (darknet is a fixture)
 
 from d2c.errors import ParamError
 from d2c.loss.region import RegionParams, region_forward, region_grad, region_loss
@@ -252,18 +252,6 @@ DN_CFGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def darknet():
-    engines: dict[str, DarknetProcess] = {}
-
-    def get(name: str) -> DarknetProcess:
-        if name not in engines:
-            engines[name] = DarknetProcess(CFG_DIR / f"{name}.cfg")
-        return engines[name]
-
-    yield get
-    for engine in engines.values():
-        engine.close()
 
 
 def run_darknet(engine: DarknetProcess, z: np.ndarray, truth: np.ndarray, seen0: int):

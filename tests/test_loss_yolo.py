@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from loss_helpers import make_truth, sigmoid64
+from loss_helpers import darknet, make_truth, sigmoid64  # noqa: F401  (darknet is a fixture)
 
 from d2c.errors import ParamError
 from d2c.loss.boxes import Box, box_giou, box_iou, dx_box_iou, mag_array, mag_array_sq, seq_sum_f32
@@ -626,19 +626,6 @@ DN_CFGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def darknet():
-    """One Darknet child process per test cfg, shared by the module."""
-    engines: dict[str, DarknetProcess] = {}
-
-    def get(name: str) -> DarknetProcess:
-        if name not in engines:
-            engines[name] = DarknetProcess(CFG_DIR / f"{name}.cfg")
-        return engines[name]
-
-    yield get
-    for engine in engines.values():
-        engine.close()
 
 
 def dn_params(name: str) -> YoloParams:
