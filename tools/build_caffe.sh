@@ -25,7 +25,13 @@ case "$BLAS" in
   openblas-pthread|openblas-openmp|openblas-serial) ;;
   *) echo "[build_caffe] D2C_CAFFE_BLAS must be openblas-pthread, openblas-openmp or openblas-serial" >&2; exit 2;;
 esac
-flags_key=$(printf '%s|%s' "$CXXFLAGS" "$BLAS" | sha1sum | cut -c1-8)
+# Faster CPU loops for max pooling and im2col (tools/caffe_perf: bit-identical results, measured
+# by `d2c bench`); D2C_CAFFE_FAST=0 builds Caffe's own loops for comparison.
+FAST=${D2C_CAFFE_FAST:-1}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+fast_key=stock
+[ "$FAST" = 1 ] && fast_key=$(cat "$here/caffe_perf/apply.py" "$here/caffe_perf/d2c_fast_cpu.hpp" | sha1sum | cut -c1-8)
+flags_key=$(printf '%s|%s|%s' "$CXXFLAGS" "$BLAS" "$fast_key" | sha1sum | cut -c1-8)
 prefix="$CACHE/caffe-${CAFFE_VERSION//[^A-Za-z0-9.]/_}-$key-$flags_key"
 if [ -f "$prefix/.built" ]; then echo "$prefix/python"; exit 0; fi
 
@@ -67,6 +73,13 @@ if [ ! -f "$tree/.d2c-patched" ]; then
 fi
 build="$prefix-build"
 mkdir -p "$build"  # kept until success, so a failed install step does not rebuild
+patches="[]"
+if [ "$FAST" = 1 ]; then
+  # Patch a private copy: the shared source tree stays as Debian ships it (plus the protobuf fix).
+  rm -rf "$build/src"; cp -a "$tree" "$build/src"; tree="$build/src"
+  "$PY" "$here/caffe_perf/apply.py" "$tree" >&2
+  patches='["d2c_fast_cpu: max pooling forward, im2col (tools/caffe_perf)"]'
+fi
 pylib=$("$PY" -c 'import sysconfig,os; print(os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")))')
 pyinc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 npinc=$("$PY" -c 'import numpy; print(numpy.get_include())')
@@ -89,8 +102,8 @@ for lib in "$prefix/python/caffe/_caffe.so" "$prefix"/python/caffe/libcaffe.so.*
   [ -L "$lib" ] || patchelf --set-rpath "\$ORIGIN:$blasdir:/usr/lib/x86_64-linux-gnu/hdf5/serial" "$lib"
 done
 cp -r "$build/include" "$prefix/include" 2>/dev/null || true
-printf '{"caffe": "%s", "cxxflags": "%s", "blas": "%s", "blas_dir": "%s", "key": "%s-%s"}\n' \
-  "$CAFFE_VERSION" "$CXXFLAGS" "$BLAS" "$blasdir" "$key" "$flags_key" > "$prefix/build-info.json"
+printf '{"caffe": "%s", "cxxflags": "%s", "blas": "%s", "blas_dir": "%s", "key": "%s-%s", "patches": %s}\n' \
+  "$CAFFE_VERSION" "$CXXFLAGS" "$BLAS" "$blasdir" "$key" "$flags_key" "$patches" > "$prefix/build-info.json"
 touch "$prefix/.built"
 rm -rf "$build"
 echo "$prefix/python"
