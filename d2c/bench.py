@@ -44,7 +44,8 @@ SAMPLE_IMAGE = Path("/usr/share/darknet/data/dog.jpg")
 
 FORWARD_ENGINES = ("darknet", "caffe", "caffe_folded", "opencv_darknet", "opencv_caffe")
 ONE_THREAD_ENGINES = ("caffe_folded", "opencv_caffe")   # repeated at 1 thread, like Darknet
-PROFILED_ENGINES = ("caffe_folded", "opencv_caffe", "caffe_folded_1t", "opencv_caffe_1t")
+PROFILED_ENGINES = ("caffe_folded", "opencv_caffe", "opencv_caffe_no_winograd", "caffe_folded_1t",
+                    "opencv_caffe_1t")
 ENGINE_GAP_S = 0.1         # idle time between engines: lets BLAS spin-waiting threads go to sleep
 BOXES_PER_IMAGE = 6        # random truth boxes per training image
 
@@ -354,9 +355,10 @@ def forward_engines(cfg: Path, weights: Path, deploy: Path, folded: Path, x_path
         return {"op": "load", "engine": "caffe", "prototxt": f"{stem}.prototxt",
                 "caffemodel": f"{stem}.caffemodel", "input": str(x_path), "threads": threads}
 
-    def opencv_caffe(stem: Path, threads: int) -> dict[str, Any]:
+    def opencv_caffe(stem: Path, threads: int, winograd: bool = True) -> dict[str, Any]:
         return {"op": "load", "engine": "opencv_caffe", "prototxt": f"{stem}.prototxt",
-                "caffemodel": f"{stem}.caffemodel", "input": str(x_path), "threads": threads}
+                "caffemodel": f"{stem}.caffemodel", "input": str(x_path), "threads": threads,
+                "winograd": winograd}
 
     specs = [
         EngineSpec("darknet", {"op": "load", "engine": "darknet", "cfg": str(cfg), "weights": str(weights),
@@ -366,6 +368,9 @@ def forward_engines(cfg: Path, weights: Path, deploy: Path, folded: Path, x_path
         EngineSpec("opencv_darknet", {"op": "load", "engine": "opencv_darknet", "cfg": str(cfg),
                                       "weights": str(weights), "input": str(x_path), "threads": t}, t),
         EngineSpec("opencv_caffe", opencv_caffe(folded, t), t),
+        # OpenCV's lead over Caffe is its Winograd 3x3 convolution (Caffe has only im2col + GEMM):
+        # the same files with Winograd off show the like-for-like algorithm.
+        EngineSpec("opencv_caffe_no_winograd", opencv_caffe(folded, t, winograd=False), t),
     ]
     if opts.one_thread_rows and t != 1:
         specs += [EngineSpec("caffe_folded_1t", caffe(folded, 1), 1, blas_env(1)),
@@ -456,7 +461,8 @@ def measure_forward(cfg: Path, weights: Path, deploy: Path, folded: Path, x_path
     ratios = {"darknet_over_caffe": ratio("darknet", "caffe"),
               "darknet_over_caffe_folded": ratio("darknet", "caffe_folded"),
               "caffe_folded_over_opencv_caffe": ratio("caffe_folded", "opencv_caffe"),
-              "caffe_folded_over_opencv_darknet": ratio("caffe_folded", "opencv_darknet")}
+              "caffe_folded_over_opencv_darknet": ratio("caffe_folded", "opencv_darknet"),
+              "caffe_folded_over_opencv_caffe_no_winograd": ratio("caffe_folded", "opencv_caffe_no_winograd")}
     if one_thread:
         ratios["darknet_over_caffe_folded_1t"] = ratio("darknet", "caffe_folded_1t")
         ratios["caffe_folded_over_opencv_caffe_1t"] = ratio("caffe_folded_1t", "opencv_caffe_1t")
@@ -465,7 +471,7 @@ def measure_forward(cfg: Path, weights: Path, deploy: Path, folded: Path, x_path
 
 
 def _forward_files(engine: str) -> str:
-    base = engine.removesuffix("_1t")
+    base = engine.removesuffix("_1t").removesuffix("_no_winograd")
     return {"darknet": "darknet cfg+weights", "caffe": "d2c convert", "caffe_folded": "d2c convert --fold-bn",
             "opencv_darknet": "darknet cfg+weights", "opencv_caffe": "d2c convert --fold-bn"}[base]
 
@@ -722,6 +728,8 @@ class _Handler:
                 cvnet = cv2.dnn.readNetFromDarknet(m["cfg"], m["weights"])
             else:
                 cvnet = cv2.dnn.readNetFromCaffe(m["prototxt"], m["caffemodel"])
+            if not m.get("winograd", True):
+                cvnet.enableWinograd(False)
             cvnet.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
             cvnet.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
             names = cvnet.getUnconnectedOutLayersNames()
@@ -1036,7 +1044,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"d2c bench, {m['date']}: {m['cpu']}, {m['cores_usable']} cores ({', '.join(m['simd'])}), "
         f"{m['memory_gb']} GB, load {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f}",
-        f"  Caffe: {build.get('cxxflags', '?')}, BLAS {blas.get('config', '?')} "
+        f"  Caffe: {build.get('cxxflags', '?')}, patches: {', '.join(build.get('patches') or ['none'])}, "
+        f"BLAS {blas.get('config', '?')} "
         f"({blas.get('parallel', '?')}, core {blas.get('core', '?')}); OpenCV {m.get('opencv')}; "
         f"numpy {m['numpy']}; {m.get('darknet')}",
         f"  threads: Caffe/OpenCV {m['threads']['caffe_openblas']}, Darknet 1 (its CPU build has no threads)",
@@ -1051,15 +1060,16 @@ def format_report(report: dict[str, Any]) -> str:
             f"{c['ratio']:6.2f} {c['peak_rss_mb']:7.0f}MB {c['peak_rss_ratio']:8.2f} "
             f"{c['peak_rss_over_start_ratio']:8.2f} {f['seconds']:8.2f}s {f['ratio']:6.2f} {f['peak_rss_mb']:6.0f}MB")
     lines += ["", "forward, batch 1, median ms (runs)"]
-    engines = list(FORWARD_ENGINES) + ["caffe_folded_1t", "opencv_caffe_1t"]
-    header = f"{'model':14s}" + "".join(f" {e:>17s}" for e in engines)
+    engines = list(FORWARD_ENGINES) + ["opencv_caffe_no_winograd", "caffe_folded_1t", "opencv_caffe_1t"]
+    widths = {e: max(17, len(e)) for e in engines}
+    header = f"{'model':14s}" + "".join(f" {e:>{widths[e]}s}" for e in engines)
     lines.append(header)
     for r in report["models"].values():
         cells = []
         for e in engines:
-            v = r["forward"].get(e)
-            cells.append(f" {'':>17s}" if v is None else f" {'failed':>17s}" if "error" in v else
-                         f" {v['median_ms']:9.1f} ({v['runs']:2d},{v['threads']}t)")
+            v, w = r["forward"].get(e), widths[e]
+            cells.append(f" {'':>{w}s}" if v is None else f" {'failed':>{w}s}" if "error" in v else
+                         f" {v['median_ms']:>{w - 8}.1f} ({v['runs']:2d},{v['threads']}t)")
         lines.append(f"{r['name']:14s}" + "".join(cells))
     lines += ["", "ratios: Darknet / Caffe --fold-bn (target >= 6.7), Caffe --fold-bn / OpenCV on the same files "
                   "(target <= 1.2)"]
@@ -1072,7 +1082,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {r['name']:14s} Darknet/Caffe {_fmt(fr['darknet_over_caffe'], '.2f', 'x')}, "
                      f"Darknet/Caffe-folded {_fmt(fr['darknet_over_caffe_folded'], '.2f', 'x')}, "
                      f"Caffe-folded/OpenCV-Caffe {_fmt(fr['caffe_folded_over_opencv_caffe'])}, "
-                     f"/OpenCV-Darknet {_fmt(fr['caffe_folded_over_opencv_darknet'])}{extra}")
+                     f"/OpenCV-Darknet {_fmt(fr['caffe_folded_over_opencv_darknet'])}, "
+                     f"/OpenCV-Caffe without Winograd "
+                     f"{_fmt(fr.get('caffe_folded_over_opencv_caffe_no_winograd'))}{extra}")
         for engine, error in (r.get("forward_errors") or {}).items():
             lines.append(f"    {engine} failed: {error}")
     lines += ["", "where the time goes (per-layer profile, ms by layer type)"]
