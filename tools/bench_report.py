@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 ENGINES = [("darknet", "Darknet"), ("caffe", "pycaffe"), ("caffe_folded", "pycaffe --fold-bn"),
-           ("opencv_darknet", "OpenCV (Darknet files)"), ("opencv_caffe", "OpenCV (our Caffe files)")]
+           ("opencv_darknet", "OpenCV (Darknet files)"), ("opencv_caffe", "OpenCV (our Caffe files)"),
+           ("opencv_caffe_no_winograd", "OpenCV (our Caffe files, Winograd off)")]
 
 
 def _num(value: Any, spec: str = ".2f") -> str:
@@ -28,7 +29,8 @@ def render(report: dict[str, Any]) -> str:
     out = [f"Measured {m['date'][:10]} on {m['cpu']}, {m['cores_usable']} cores, {m['memory_gb']} GB "
            f"(load average {m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end); "
            f"Caffe built `{build.get('cxxflags', '?')}` with OpenBLAS {blas.get('parallel', '?')} "
-           f"(core {blas.get('core', '?')}); OpenCV {m.get('opencv')}; {m.get('darknet')}. "
+           f"(core {blas.get('core', '?')}) and {', '.join(build.get('patches') or ['no patches'])}; "
+           f"OpenCV {m.get('opencv')}; {m.get('darknet')}. "
            f"Caffe and OpenCV use {threads} threads, Darknet 1 (its CPU build has no threading).", ""]
     out += ["| model | convert | numpy read+write | ratio | peak RSS | peak / weights |",
             "|---|---|---|---|---|---|"]
