@@ -68,7 +68,7 @@ def staged_outputs(out_dir: str | Path, tag: str) -> Iterator[Path]:
                                         str(out / name))
         for name in names:
             os.replace(stage / name, out / name)
-        _fsync_dir(out)
+        fsync_dir(out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         for directory in created:
@@ -78,7 +78,13 @@ def staged_outputs(out_dir: str | Path, tag: str) -> Iterator[Path]:
     stage.rmdir()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a file that was written in place (e.g. by pycaffe) before it is renamed into view."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: Path) -> None:
     """Make the renames durable (best effort: some file systems refuse fsync on directories)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)

@@ -72,8 +72,8 @@ from typing import Any
 
 import numpy as np
 
-from d2c.errors import CfgError, D2CError, DatasetError, NumericError, UnsupportedLayerError
-from d2c.fsutil import atomic_write, atomic_write_text
+from d2c.errors import D2CError, DatasetError, NumericError, UnsupportedLayerError
+from d2c.fsutil import atomic_write, atomic_write_text, fsync_dir, fsync_file
 
 F32 = np.float32
 STATE_VERSION = 1
@@ -679,7 +679,7 @@ class Trainer:
             os.chmod(stage, 0o755)
             model = stage / f"{self.stem}_train.caffemodel"
             self.net.save(str(model))
-            _fsync_file(model)
+            fsync_file(model)
             atomic_write_text(stage / f"{self.stem}.cfg", self.cfg_text)
             sidecar = dict(self.base_sidecar, caffemodel=model.name, cfg=f"{self.stem}.cfg",
                            weights_header={"major": 0, "minor": 2, "revision": 0, "seen": self.sgd.seen},
@@ -696,7 +696,7 @@ class Trainer:
                 shutil.rmtree(trash, ignore_errors=True)
             os.replace(stage, final)
             stage = None
-            _fsync_dir(snaps)
+            fsync_dir(snaps)
             atomic_write_text(self.out / LATEST, json.dumps({"iteration": self.iteration, "seen": self.sgd.seen,
                                                              "dir": f"{SNAPSHOT_DIR}/{name}"}) + "\n")
         except OSError as exc:
@@ -980,20 +980,6 @@ class Trainer:
         with contextlib.suppress(D2CError):
             names = self.spec.names(self.classes)
         return map_on_samples(lambda p: detector.detect(p), samples, self.classes, names, progress=progress)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def train(options: TrainOptions, callback: Callable[[Trainer, dict[str, Any]], None] | None = None) -> TrainResult:

@@ -341,15 +341,8 @@ def dx_box_iou(pred: Box, truth: Box, kind: str) -> tuple[np.ndarray, np.ndarray
             g_b = ((giou_C * dU_b) - (U * dC_b)) / CC
             g_l = ((giou_C * dU_l) - (U * dC_l)) / CC
             g_r = ((giou_C * dU_r) - (U * dC_r)) / CC
-            cpos = giou_C > 0
-            p_dt = np.where(cpos, p_dt + g_t, p_dt)
-            p_db = np.where(cpos, p_db + g_b, p_db)
-            p_dl = np.where(cpos, p_dl + g_l, p_dl)
-            p_dr = np.where(cpos, p_dr + g_r, p_dr)
-            p_dt = np.where(no_overlap, g_t, p_dt)
-            p_db = np.where(no_overlap, g_b, p_db)
-            p_dl = np.where(no_overlap, g_l, p_dl)
-            p_dr = np.where(no_overlap, g_r, p_dr)
+            p_dt, p_db, p_dl, p_dr = _with_penalty((p_dt, p_db, p_dl, p_dr), (g_t, g_b, g_l, g_r),
+                                                   giou_C > 0, no_overlap)
 
         p_dx = p_dl + p_dr
         p_dy = p_dt + p_db
@@ -393,14 +386,13 @@ def dx_box_iou(pred: Box, truth: Box, kind: str) -> tuple[np.ndarray, np.ndarray
                 ar_dh = (-8 / (math.pi * math.pi) * datan * pred.w.astype(F64)).astype(dt)
                 r_dw = r_dw + alpha * ar_dw
                 r_dh = r_dh + alpha * ar_dh
-            cpos = C > 0
-            p_dx = np.where(cpos, p_dx + r_dx, p_dx)
-            p_dy = np.where(cpos, p_dy + r_dy, p_dy)
-            p_dw = np.where(cpos, p_dw + r_dw, p_dw)
-            p_dh = np.where(cpos, p_dh + r_dh, p_dh)
-            p_dx = np.where(no_overlap, r_dx, p_dx)
-            p_dy = np.where(no_overlap, r_dy, p_dy)
-            p_dw = np.where(no_overlap, r_dw, p_dw)
-            p_dh = np.where(no_overlap, r_dh, p_dh)
+            p_dx, p_dy, p_dw, p_dh = _with_penalty((p_dx, p_dy, p_dw, p_dh), (r_dx, r_dy, r_dw, r_dh),
+                                                   C > 0, no_overlap)
     return (np.asarray(p_dx, dtype=dt), np.asarray(p_dy, dtype=dt),
             np.asarray(p_dw, dtype=dt), np.asarray(p_dh, dtype=dt))
+
+
+def _with_penalty(base: tuple, penalty: tuple, add_where: np.ndarray, only_where: np.ndarray) -> tuple:
+    """AlexeyAB's GIoU/DIoU/CIoU gradient: the penalty term's gradient is added where its
+    normaliser is positive, and replaces the IoU gradient where the boxes do not overlap."""
+    return tuple(np.where(only_where, g, np.where(add_where, b + g, b)) for b, g in zip(base, penalty))

@@ -374,6 +374,16 @@ class _Head:
         return b * self.outputs + slot * self.hw * self.entries + j * self.w + i
 
 
+def _training_setup(z5: np.ndarray, p: YoloParams) -> tuple:
+    """What both training branches start from: activated output, the head views, mask and anchor
+    arrays, the float thresholds and the cell grids (jj = row, ii = column)."""
+    o5 = _activate(z5, p)
+    H, W = o5.shape[3], o5.shape[4]
+    jj, ii = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    return (o5, _Head(o5, p.classes), np.asarray(p.mask), np.asarray(p.anchors, dtype=F32),
+            F32(p.ignore_thresh), F32(p.truth_thresh), jj, ii)
+
+
 def _decode_pred(ox, oy, ow, oh, i, j, lw: int, lh: int, anchor_w, anchor_h, net_w: int, net_h: int,
                  new_coords: bool = False) -> Box:
     """get_yolo_box: x, y in float; w, h as (double)exp(o)·anchor/net in double, rounded."""
@@ -472,15 +482,9 @@ def _check_index(hd: _Head, base: int, what: str, b: int, t: int) -> None:
 
 def _yolo_loss_pjreddie(z5: np.ndarray, records: np.ndarray, p: YoloParams) -> LossResult:
     what = "[yolo] loss"
-    o5 = _activate(z5, p)
-    hd = _Head(o5, p.classes)
+    o5, hd, mask, anchors, ignore, truth_thresh, jj, ii = _training_setup(z5, p)
     b_n, n, _, H, W = o5.shape
     hw = hd.hw
-    mask = np.asarray(p.mask)
-    anchors = np.asarray(p.anchors, dtype=F32)
-    ignore = F32(p.ignore_thresh)
-    truth_thresh = F32(p.truth_thresh)
-    jj, ii = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
     avg_iou: list[np.float32] = []
     avg_obj: list[np.float32] = []
     avg_cat: list[np.float32] = []
@@ -643,16 +647,10 @@ def _ab_box_delta(hd: _Head, base: int, i: int, j: int, anchor: int, truth: Box,
 
 def _yolo_loss_alexeyab(z5: np.ndarray, records: np.ndarray, p: YoloParams) -> LossResult:
     what = "[yolo] loss"
-    o5 = _activate(z5, p)
-    hd = _Head(o5, p.classes)
+    o5, hd, mask, anchors, ignore, truth_thresh, jj, ii = _training_setup(z5, p)
     b_n, n, _, H, W = o5.shape
     hw = hd.hw
-    mask = np.asarray(p.mask)
-    anchors = np.asarray(p.anchors, dtype=F32)
     obj_norm = F32(p.obj_normalizer)
-    ignore = F32(p.ignore_thresh)
-    truth_thresh = F32(p.truth_thresh)
-    jj, ii = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
     avg_obj: list[np.float32] = []
     avg_cat: list[np.float32] = []
     recall = recall75 = 0
