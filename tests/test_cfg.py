@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from shared_cfgs import alexeyab_cfgs
+
 from d2c.darknet.cfg import parse_cfg
 from d2c.darknet.graph import build_graph
 from d2c.errors import CfgError, UnsupportedLayerError
@@ -108,7 +110,7 @@ def test_every_debian_yolo_cfg_builds(cfg: Path) -> None:
     assert graph.heads(), "a YOLO cfg has detection heads"
 
 
-@pytest.mark.parametrize("cfg", sorted(Path(__file__).resolve().parents[2].joinpath("shared", "darknet-cfg").glob("*.cfg")))
+@pytest.mark.parametrize("cfg", alexeyab_cfgs(), ids=lambda p: p.name)
 def test_alexeyab_cfgs_infer_their_flavor(cfg: Path) -> None:
     try:
         graph = build_graph(parse_cfg(cfg))

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared_cfgs import alexeyab_cfgs
+
 from d2c.caffe.proto import read_caffemodel_net, write_caffemodel
 from d2c.cli import main as cli_main
 from d2c.convert import convert, load_graph
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_CFG = Path("/usr/share/darknet/cfg/yolov3-tiny.cfg")
 TINY_WEIGHTS = ROOT / "weights" / "yolov3-tiny.weights"
 CFGS = (sorted(glob("/usr/share/darknet/cfg/yolov[23]*.cfg")) + ["/usr/share/darknet/cfg/yolov1-tiny.cfg"]
-        + sorted(glob("/work/shared/darknet-cfg/*.cfg")))
+        + [str(p) for p in alexeyab_cfgs()])
 F32 = np.float32
 
 # Every parameterised layer type: conv (+BN, groups), connected (+BN), stand-alone [batchnorm], [local];

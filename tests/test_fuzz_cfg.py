@@ -24,6 +24,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from shared_cfgs import alexeyab_cfgs
+
 from d2c.caffe.emitter import ConvertOptions
 from d2c.convert import build_conversion, convert
 from d2c.darknet.cfg import parse_cfg
@@ -31,7 +33,7 @@ from d2c.darknet.graph import build_graph
 from d2c.darknet.weights import WeightsHeader
 from d2c.errors import CfgError, D2CError, UnsupportedLayerError
 
-CFG_FILES = sorted([*Path("/usr/share/darknet/cfg").glob("yolo*.cfg"), *Path("/work/shared/darknet-cfg").glob("*.cfg")])
+CFG_FILES = sorted([*Path("/usr/share/darknet/cfg").glob("yolo*.cfg"), *alexeyab_cfgs()])
 CFG_BYTES = {p: p.read_bytes() for p in CFG_FILES}
 
 FUZZ_EXAMPLES = int(os.environ.get("D2C_FUZZ_EXAMPLES", "0"))

@@ -16,13 +16,13 @@ from d2c.caffe.runtime import caffe_forward, load_caffe
 from d2c.convert import build_conversion
 from d2c.darknet.cfg import parse_cfg
 from d2c.darknet.graph import build_graph
-from d2c.errors import UnsupportedLayerError
 from d2c.forward_check import (compare_forward, diff, format_table, prepare, random_input,
                                with_input_size)
+from shared_cfgs import shared_cfg_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBIAN_CFG = Path("/usr/share/darknet/cfg")
-SHARED_CFG = ROOT.parent / "shared" / "darknet-cfg"
+SHARED_CFG = shared_cfg_dir()
 TINY_WEIGHTS = ROOT / "weights" / "yolov3-tiny.weights"
 
 # Convolution sums in a different order (BLAS, FMA) than Darknet's gemm, so ~1e-6 relative per
