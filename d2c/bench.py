@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from d2c.engines import caffe_build_info
 from d2c.errors import D2CError, EngineError, ParamError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -962,17 +963,6 @@ def _engine_versions(results: list[dict[str, Any]]) -> dict[str, Any]:
     from d2c.engines import _dpkg_version
     out["darknet"] = f"Debian darknet {_dpkg_version('darknet')} (pjreddie, CPU)"
     return out
-
-
-def caffe_build_info(caffe_dir: Path | None) -> Any:
-    """tools/build_caffe.sh records its flags and BLAS in build-info.json beside python/."""
-    if caffe_dir is None:
-        return None
-    path = caffe_dir.parent.parent / "build-info.json"
-    if path.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            return json.loads(path.read_text())
-    return {"note": f"no {path.name} (built by an older tools/build_caffe.sh)"}
 
 
 def summarise(results: list[dict[str, Any]], parity: dict[str, Any], machine: dict[str, Any],

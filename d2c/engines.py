@@ -1,10 +1,13 @@
 """Finding the real engines (pycaffe, Debian's libdarknet.so, OpenCV) with clear errors."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from d2c.errors import EngineError
 
@@ -44,6 +47,17 @@ def _dpkg_version(package: str) -> str:
     return out.stdout.strip() or "not installed"
 
 
+def caffe_build_info(caffe_dir: Path | None) -> Any:
+    """tools/build_caffe.sh records its flags, BLAS and patches in build-info.json beside python/."""
+    if caffe_dir is None:
+        return None
+    path = caffe_dir.parent.parent / "build-info.json"
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text())
+    return {"note": f"no {path.name} (not built by tools/build_caffe.sh, or by an older one)"}
+
+
 def engine_info() -> dict[str, str]:
     """One line per engine: where it is and which version (for `d2c info` and reports)."""
     info: dict[str, str] = {}
@@ -52,7 +66,11 @@ def engine_info() -> dict[str, str]:
     try:
         caffe = import_caffe()
         version = getattr(caffe, "__version__", "1.0.0")
-        info["caffe"] = f"{Path(caffe.__file__).parent} (BVLC Caffe {version}, CPU)"
+        caffe_dir = Path(caffe.__file__).parent
+        build = caffe_build_info(caffe_dir) or {}
+        built = (f"; built {build['cxxflags']}, BLAS {build.get('blas', '?')}, "
+                 f"patches: {', '.join(build.get('patches') or ['none'])}" if "cxxflags" in build else "")
+        info["caffe"] = f"{caffe_dir} (BVLC Caffe {version}, CPU{built})"
     except EngineError as exc:
         info["caffe"] = f"missing: {exc}"
     try:

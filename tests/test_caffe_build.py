@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d2c.bench import caffe_build_info
-from d2c.engines import import_caffe
+from d2c.engines import caffe_build_info, import_caffe
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER_DIR = ROOT / "tools" / "caffe_perf"
