@@ -1,9 +1,10 @@
 """The Caffe that tools/build_caffe.sh builds: its faster CPU loops must not change a single bit.
 
-tools/caffe_perf routes Caffe's max pooling forward and im2col through d2c_fast_cpu.hpp (see
-`d2c bench`: 81 -> 48 ms for yolov3-tiny). Three checks, each able to fail:
-  * the header against per-element reference loops in C++ (20000 random pooling and im2col cases,
-    with the build's own flags and with the non-AVX2 fallback);
+tools/caffe_perf routes Caffe's max pooling forward, 4-D crop and im2col through d2c_fast_cpu.hpp
+(see `d2c bench`: 81 -> 45 ms for yolov3-tiny). Three checks, each able to fail:
+  * the header against per-element reference loops in C++ (20000 random pooling and im2col cases
+    and their large, thread-split versions, 2000 crops; with the build's own flags, without AVX2
+    and at -O0);
   * pycaffe's Pooling layer (values, both argmax outputs, and the backward that reads them) against
     a numpy reference of Caffe's pooling rules, on shapes that use the vector and the scalar paths;
   * pycaffe's Convolution (im2col + GEMM) against a float64 numpy convolution over pad, stride
@@ -12,6 +13,7 @@ tools/caffe_perf routes Caffe's max pooling forward and im2col through d2c_fast_
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,14 +39,19 @@ def our_build_info() -> dict | None:
 def test_fast_loops_match_reference_loops(tmp_path, flags):
     compiler = shutil.which("g++")
     assert compiler, "g++ is needed to check tools/caffe_perf (tools/build_caffe.sh installs build-essential)"
+    build = our_build_info() or {}
     if flags == "build":
-        flags = (our_build_info() or {}).get("cxxflags", "-O3 -march=x86-64-v2 -ffp-contract=off")
+        flags = build.get("cxxflags", "-O3 -march=x86-64-v2 -ffp-contract=off")
+    # Linked to the OpenBLAS Caffe uses: the loops split large work over its thread count.
+    blas_dir = build.get("blas_dir", "/usr/lib/x86_64-linux-gnu/openblas-pthread")
     exe = tmp_path / "check_fast_cpu"
-    subprocess.run([compiler, *flags.split(), f"-I{HEADER_DIR}", str(CHECK_SOURCE), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run([compiler, *flags.split(), f"-I{HEADER_DIR}", str(CHECK_SOURCE), "-o", str(exe), "-pthread",
+                    f"-L{blas_dir}", "-lopenblas", f"-Wl,-rpath,{blas_dir}"], check=True, capture_output=True, text=True)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "mismatches 0; im2col cases" in run.stdout and run.stdout.rstrip().endswith("mismatches 0"), run.stdout
+    counts = re.findall(r"(\w+) cases (\d+) mismatches (\d+)", run.stdout)
+    assert [name for name, _, _ in counts] == ["pool", "crop", "im2col"], run.stdout
+    assert all(int(cases) > 1000 and mismatches == "0" for _, cases, mismatches in counts), run.stdout
 
 
 def test_our_build_records_its_patches():
@@ -187,3 +194,22 @@ def test_pycaffe_convolution_matches_numpy(tmp_path, shape, kernel, stride, pad,
     net.forward()
     want = reference_conv(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), stride, pad, dilation)
     np.testing.assert_allclose(net.blobs["conv"].data, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("offset,axis", [(1, 2), (0, 2), (2, 1), (1, 0), (3, 3)])
+def test_pycaffe_crop_matches_numpy(tmp_path, offset, axis):
+    caffe = import_caffe()
+    big, small = (3, 6, 14, 17), (2, 3, 9, 11)
+    ref_shape = tuple(small[a] if a >= axis else big[a] for a in range(4))
+    text = (f'name: "c" input: "data" input_shape {{ {" ".join(f"dim: {d}" for d in big)} }} '
+            f'input: "ref" input_shape {{ {" ".join(f"dim: {d}" for d in ref_shape)} }} '
+            f'layer {{ name: "crop" type: "Crop" bottom: "data" bottom: "ref" top: "crop" '
+            f"crop_param {{ axis: {axis} offset: {offset} }} }}")
+    path = tmp_path / "crop.prototxt"
+    path.write_text(text)
+    net = caffe.Net(str(path), caffe.TEST)
+    x = np.random.default_rng(offset).standard_normal(big).astype(np.float32)
+    net.blobs["data"].data[...] = x
+    net.forward()
+    index = tuple(slice(offset, offset + ref_shape[a]) if a >= axis else slice(None) for a in range(4))
+    np.testing.assert_array_equal(net.blobs["crop"].data, x[index])

@@ -25,7 +25,7 @@ case "$BLAS" in
   openblas-pthread|openblas-openmp|openblas-serial) ;;
   *) echo "[build_caffe] D2C_CAFFE_BLAS must be openblas-pthread, openblas-openmp or openblas-serial" >&2; exit 2;;
 esac
-# Faster CPU loops for max pooling and im2col (tools/caffe_perf: bit-identical results, measured
+# Faster CPU loops for max pooling, im2col and crop (tools/caffe_perf: bit-identical results, measured
 # by `d2c bench`); D2C_CAFFE_FAST=0 builds Caffe's own loops for comparison.
 FAST=${D2C_CAFFE_FAST:-1}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -78,7 +78,7 @@ if [ "$FAST" = 1 ]; then
   # Patch a private copy: the shared source tree stays as Debian ships it (plus the protobuf fix).
   rm -rf "$build/src"; cp -a "$tree" "$build/src"; tree="$build/src"
   "$PY" "$here/caffe_perf/apply.py" "$tree" >&2
-  patches='["d2c_fast_cpu: max pooling forward, im2col (tools/caffe_perf)"]'
+  patches='["d2c_fast_cpu: max pooling forward, im2col, crop forward; threads = OpenBLAS threads (tools/caffe_perf)"]'
 fi
 pylib=$("$PY" -c 'import sysconfig,os; print(os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")))')
 pyinc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')

@@ -1,7 +1,8 @@
 // Exhaustive-ish check of tools/caffe_perf/d2c_fast_cpu.hpp against straightforward per-element
 // loops with Caffe's semantics (written here for the test): max pooling values and argmax indices
-// (ties, NaN, -inf, clipped windows, int and real index outputs) and im2col (pad, stride,
-// dilation). Built and run by tests/test_caffe_build.py with the flags Caffe is built with.
+// (ties, NaN, -inf, clipped windows, int and real index outputs), 4-D crop, and im2col (pad,
+// stride, dilation), on one thread and, for the large cases, split over three. Built and run by
+// tests/test_caffe_build.py with the flags Caffe is built with, linked to OpenBLAS.
 #include "d2c_fast_cpu.hpp"
 
 #include <cmath>
@@ -9,6 +10,9 @@
 #include <cstring>
 #include <random>
 #include <vector>
+
+// The loops split work over OpenBLAS's thread count; 3 makes the splits uneven.
+extern "C" void openblas_set_num_threads(int);
 
 namespace {
 
@@ -54,6 +58,7 @@ void reference_im2col(const float* im, int channels, int height, int width, int 
 }  // namespace
 
 int main() {
+  openblas_set_num_threads(3);
   std::mt19937 rng(20261122);
   int pool_cases = 0, pool_bad = 0;
   for (int it = 0; it < 20000; ++it) {
@@ -92,11 +97,37 @@ int main() {
       std::printf("pool mismatch: kernel %dx%d stride %dx%d pad %dx%d input %dx%d\n", kh, kw, sh, sw, ph, pw,
                   height, width);
   }
+  // Large cases: enough work that the loops split across threads (when OpenBLAS has several).
+  for (int it = 0; it < 24; ++it) {
+    const int k = 2 + it % 3, s = 1 + it % 2, pad = it % k, planes = 3 + it % 14;
+    const int height = 60 + rng() % 120, width = 60 + rng() % 150;
+    int pooled_h = (int)std::ceil((float)(height + 2 * pad - k) / s) + 1;
+    int pooled_w = (int)std::ceil((float)(width + 2 * pad - k) / s) + 1;
+    if (pad) {
+      if ((pooled_h - 1) * s >= height + pad) --pooled_h;
+      if ((pooled_w - 1) * s >= width + pad) --pooled_w;
+    }
+    std::vector<float> in((size_t)planes * height * width);
+    for (float& v : in) v = (float)(rng() % 50);
+    const size_t n = (size_t)planes * pooled_h * pooled_w;
+    std::vector<float> ref_out(n), out(n);
+    std::vector<int> ref_idx(n), idx(n);
+    reference_pool(in.data(), ref_out.data(), ref_idx.data(), planes, height, width, pooled_h, pooled_w, k, k, s,
+                   s, pad, pad);
+    d2c_fast::max_pool_forward<float>(in.data(), out.data(), idx.data(), nullptr, planes, height, width, pooled_h,
+                                      pooled_w, k, k, s, s, pad, pad);
+    ++pool_cases;
+    if ((ref_out != out || ref_idx != idx) && ++pool_bad <= 5)
+      std::printf("large pool mismatch: kernel %d stride %d pad %d planes %d input %dx%d\n", k, s, pad, planes,
+                  height, width);
+  }
   int col_cases = 0, col_bad = 0;
-  for (int it = 0; it < 20000; ++it) {
+  for (int it = 0; it < 20024; ++it) {
     const int kh = 1 + rng() % 5, kw = 1 + rng() % 5, sh = 1 + rng() % 3, sw = 1 + rng() % 3;
     const int dh = 1 + rng() % 2, dw = 1 + rng() % 2, ph = rng() % 4, pw = rng() % 4;
-    const int height = 1 + rng() % 30, width = 1 + rng() % 30, channels = 1 + rng() % 3;
+    const bool large = it >= 20000;  // enough work to be split across threads
+    const int height = large ? 40 + rng() % 80 : 1 + rng() % 30, width = large ? 40 + rng() % 80 : 1 + rng() % 30;
+    const int channels = large ? 4 + rng() % 13 : 1 + rng() % 3;
     int out_h = height + 2 * ph - (dh * (kh - 1) + 1), out_w = width + 2 * pw - (dw * (kw - 1) + 1);
     if (out_h < 0 || out_w < 0) continue;
     out_h = out_h / sh + 1;
@@ -112,7 +143,29 @@ int main() {
       std::printf("im2col mismatch: kernel %dx%d pad %dx%d stride %dx%d dilation %dx%d input %dx%d\n", kh, kw,
                   ph, pw, sh, sw, dh, dw, height, width);
   }
-  std::printf("pool cases %d mismatches %d; im2col cases %d mismatches %d\n", pool_cases, pool_bad, col_cases,
-              col_bad);
-  return pool_bad || col_bad ? 1 : 0;
+  int crop_cases = 0, crop_bad = 0;
+  for (int it = 0; it < 2000; ++it) {
+    int bottom_shape[4], top_shape[4], offsets[4];
+    for (int a = 0; a < 4; ++a) {
+      bottom_shape[a] = 1 + rng() % 9;
+      top_shape[a] = 1 + rng() % bottom_shape[a];
+      offsets[a] = rng() % (bottom_shape[a] - top_shape[a] + 1);
+    }
+    std::vector<float> bottom((size_t)bottom_shape[0] * bottom_shape[1] * bottom_shape[2] * bottom_shape[3]);
+    for (size_t i = 0; i < bottom.size(); ++i) bottom[i] = (float)i;
+    std::vector<float> top((size_t)top_shape[0] * top_shape[1] * top_shape[2] * top_shape[3], -1.f), ref(top.size());
+    size_t i = 0;
+    for (int n = 0; n < top_shape[0]; ++n)
+      for (int c = 0; c < top_shape[1]; ++c)
+        for (int h = 0; h < top_shape[2]; ++h)
+          for (int w = 0; w < top_shape[3]; ++w)
+            ref[i++] = bottom[(((size_t)(n + offsets[0]) * bottom_shape[1] + c + offsets[1]) * bottom_shape[2] + h +
+                              offsets[2]) * bottom_shape[3] + w + offsets[3]];
+    d2c_fast::crop_4d<float>(bottom.data(), bottom_shape, top.data(), top_shape, offsets);
+    ++crop_cases;
+    if (top != ref && ++crop_bad <= 5) std::printf("crop mismatch\n");
+  }
+  std::printf("pool cases %d mismatches %d; crop cases %d mismatches %d; im2col cases %d mismatches %d\n",
+              pool_cases, pool_bad, crop_cases, crop_bad, col_cases, col_bad);
+  return pool_bad || col_bad || crop_bad ? 1 : 0;
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Route Caffe's CPU max pooling and im2col through tools/caffe_perf/d2c_fast_cpu.hpp.
+"""Route Caffe's CPU max pooling, im2col and 4-D crop through tools/caffe_perf/d2c_fast_cpu.hpp.
 
 Why a source edit: `d2c bench` showed Caffe's own loops, not the model, holding the converted
 yolov3-tiny back (max pooling 27 of 81 ms, im2col ~10 ms); the issue asks to fix the build rather
@@ -23,6 +23,12 @@ POOL_CALL = """    // d2c: branch-free, vectorised max pooling with the same res
         bottom[0]->num() * channels_, height_, width_, pooled_height_, pooled_width_,
         kernel_h_, kernel_w_, stride_h_, stride_w_, pad_h_, pad_w_);
     break;
+"""
+CROP_CALL = """  if (top[0]->num_axes() == 4) {  // d2c: one memcpy per row (tools/caffe_perf)
+    d2c_fast::crop_4d(bottom_data, &bottom[0]->shape()[0], top_data, &top[0]->shape()[0],
+                      offsets.cpu_data());
+    return;
+  }
 """
 IM2COL_CALL = """  // d2c: row-wise im2col with the same layout (tools/caffe_perf).
   d2c_fast::im2col(data_im, channels, height, width, kernel_h, kernel_w, pad_h, pad_w,
@@ -55,6 +61,9 @@ def main(tree: Path) -> None:
     # The first MAX case in pooling_layer.cpp is Forward_cpu's (Backward_cpu comes later).
     patch_file(tree / "src/caffe/layers/pooling_layer.cpp",
                [("  case PoolingParameter_PoolMethod_MAX:\n", POOL_CALL, "pooling forward")])
+    # The first `top_data = ...mutable_cpu_data();` in crop_layer.cpp is Forward_cpu's.
+    patch_file(tree / "src/caffe/layers/crop_layer.cpp",
+               [("  Dtype* top_data = top[0]->mutable_cpu_data();\n", CROP_CALL, "crop forward")])
     # The first `Dtype* data_col) {` is im2col_cpu's body (col2im_cpu writes data_im).
     patch_file(tree / "src/caffe/util/im2col.cpp",
                [("    Dtype* data_col) {\n", IM2COL_CALL, "im2col_cpu")])

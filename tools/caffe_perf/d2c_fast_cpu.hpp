@@ -1,4 +1,4 @@
-// d2c: faster CPU loops for BVLC Caffe's max pooling and im2col, included into the Caffe that
+// d2c: faster CPU loops for BVLC Caffe's max pooling, im2col and 4-D crop, included into the Caffe that
 // tools/build_caffe.sh builds (see tools/caffe_perf/apply.py). Written for d2c; results are
 // bit-identical to Caffe's own loops (same outputs, same argmax indices, same tie and NaN rules),
 // which tests/test_caffe_build.py checks against numpy references and the real Darknet.
@@ -7,17 +7,39 @@
 // element, which mispredicts on real activations (27 ms of an 81 ms yolov3-tiny forward here).
 // Visiting the window offsets in the outer loop and a whole output row in the inner loop keeps
 // each output's candidates in Caffe's raster order, so the first strict maximum still wins, and
-// the inner loop becomes branch-free selects the compiler vectorises.
+// the inner loop becomes branch-free selects the compiler vectorises. Pooling and im2col split
+// large work over OpenBLAS's thread count (Caffe runs them on one thread while GEMM uses all).
 #ifndef D2C_FAST_CPU_HPP_
 #define D2C_FAST_CPU_HPP_
 
 #include <cfloat>
 #include <cstring>
+#include <thread>
+#include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
+// OpenBLAS's thread count (OPENBLAS_NUM_THREADS), so Caffe's loops use as many threads as its
+// GEMM does; weak, so a Caffe linked to another BLAS runs them on one thread.
+extern "C" int openblas_get_num_threads(void) __attribute__((weak));
+
 namespace d2c_fast {
+
+// Run body(begin, end) over [0, n) split into contiguous parts on up to OpenBLAS's thread count,
+// when there is enough work (`work` elements in all) to pay for starting threads.
+template <typename Body>
+void parallel_ranges(int n, long work, const Body& body) {
+  int threads = openblas_get_num_threads ? openblas_get_num_threads() : 1;
+  if (work < (1L << 17) || n < 2) threads = 1;
+  if (threads > n) threads = n;
+  if (threads <= 1) { body(0, n); return; }
+  std::vector<std::thread> helpers;
+  for (int t = 1; t < threads; ++t)
+    helpers.emplace_back([&body, n, threads, t]() { body(n * t / threads, n * (t + 1) / threads); });
+  body(0, n / threads);
+  for (std::thread& helper : helpers) helper.join();
+}
 
 // First output index o in [0, n) with o * stride + offset >= 0.
 inline int first_valid(int offset, int stride) {
@@ -102,9 +124,9 @@ inline int max_pool_row_vector<float>(const float* in, int width, int hstart, in
 // clipping. Writes the maximum and its index inside the plane (h * width + w) to `index_out` (int)
 // or `index_out_as_real` (Dtype, Caffe's second top); exactly one of them is non-null.
 template <typename Dtype>
-void max_pool_forward(const Dtype* bottom, Dtype* top, int* index_out, Dtype* index_out_as_real,
-                      int planes, int height, int width, int pooled_h, int pooled_w,
-                      int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w) {
+void max_pool_planes(const Dtype* bottom, Dtype* top, int* index_out, Dtype* index_out_as_real,
+                     int plane_begin, int plane_end, int height, int width, int pooled_h, int pooled_w,
+                     int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w) {
   const int plane_in = height * width;
   const int plane_out = pooled_h * pooled_w;
   // Outputs [first, last) read only in-row columns for every kernel offset, including the 16-wide
@@ -117,7 +139,7 @@ void max_pool_forward(const Dtype* bottom, Dtype* top, int* index_out, Dtype* in
   const int chunks = (last - first) / 8;
   // With a Dtype index output the int indices are built in a scratch row and converted per row.
   int* scratch = index_out ? 0 : new int[pooled_w > 0 ? pooled_w : 1];
-  for (int p = 0; p < planes; ++p) {
+  for (int p = plane_begin; p < plane_end; ++p) {
     const Dtype* in = bottom + static_cast<long>(p) * plane_in;
     for (int ph = 0; ph < pooled_h; ++ph) {
       const long row_start = static_cast<long>(p) * plane_out + ph * pooled_w;
@@ -144,16 +166,25 @@ void max_pool_forward(const Dtype* bottom, Dtype* top, int* index_out, Dtype* in
   delete[] scratch;
 }
 
+template <typename Dtype>
+void max_pool_forward(const Dtype* bottom, Dtype* top, int* index_out, Dtype* index_out_as_real,
+                      int planes, int height, int width, int pooled_h, int pooled_w,
+                      int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w) {
+  parallel_ranges(planes, static_cast<long>(planes) * height * width, [&](int begin, int end) {
+    max_pool_planes(bottom, top, index_out, index_out_as_real, begin, end, height, width, pooled_h,
+                    pooled_w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w);
+  });
+}
+
 // im2col with Caffe's layout (rows: channel, kernel row, kernel column; columns: output row,
 // output column; zero outside the image). Caffe tests every element against the image bounds; here
 // the valid column range of each output row is computed once, so stride-1 rows are one memcpy.
+// Channels [begin, end) of im2col, written from `col` on.
 template <typename Dtype>
-void im2col(const Dtype* image, int channels, int height, int width, int kernel_h, int kernel_w,
-            int pad_h, int pad_w, int stride_h, int stride_w, int dilation_h, int dilation_w,
-            Dtype* col) {
-  const int out_h = (height + 2 * pad_h - (dilation_h * (kernel_h - 1) + 1)) / stride_h + 1;
-  const int out_w = (width + 2 * pad_w - (dilation_w * (kernel_w - 1) + 1)) / stride_w + 1;
-  for (int c = 0; c < channels; ++c) {
+void im2col_channels(const Dtype* image, int begin, int end, int height, int width, int kernel_h,
+                     int kernel_w, int pad_h, int pad_w, int stride_h, int stride_w, int dilation_h,
+                     int dilation_w, int out_h, int out_w, Dtype* col) {
+  for (int c = begin; c < end; ++c) {
     const Dtype* plane = image + static_cast<long>(c) * height * width;
     for (int kh = 0; kh < kernel_h; ++kh) {
       for (int kw = 0; kw < kernel_w; ++kw) {
@@ -178,6 +209,37 @@ void im2col(const Dtype* image, int channels, int height, int width, int kernel_
         }
       }
     }
+  }
+}
+
+template <typename Dtype>
+void im2col(const Dtype* image, int channels, int height, int width, int kernel_h, int kernel_w,
+            int pad_h, int pad_w, int stride_h, int stride_w, int dilation_h, int dilation_w,
+            Dtype* col) {
+  const int out_h = (height + 2 * pad_h - (dilation_h * (kernel_h - 1) + 1)) / stride_h + 1;
+  const int out_w = (width + 2 * pad_w - (dilation_w * (kernel_w - 1) + 1)) / stride_w + 1;
+  const long rows_per_channel = static_cast<long>(kernel_h) * kernel_w * out_h;
+  parallel_ranges(channels, rows_per_channel * out_w * channels, [&](int begin, int end) {
+    im2col_channels(image, begin, end, height, width, kernel_h, kernel_w, pad_h, pad_w, stride_h,
+                    stride_w, dilation_h, dilation_w, out_h, out_w,
+                    col + static_cast<long>(begin) * rows_per_channel * out_w);
+  });
+}
+
+// Crop of a 4-D blob (Caffe's CropLayer forward): top[n][c][h][w] = bottom[n+o0][c+o1][h+o2][w+o3].
+// Caffe walks the axes recursively and builds index vectors for every row; here each row is one
+// memcpy.
+template <typename Dtype>
+void crop_4d(const Dtype* bottom, const int* bottom_shape, Dtype* top, const int* top_shape,
+             const int* offsets) {
+  const int rows = top_shape[0] * top_shape[1] * top_shape[2];
+  const int width = top_shape[3];
+  for (int r = 0; r < rows; ++r) {
+    const int h = r % top_shape[2], c = (r / top_shape[2]) % top_shape[1], n = r / (top_shape[1] * top_shape[2]);
+    const long source_row = (static_cast<long>(n + offsets[0]) * bottom_shape[1] + c + offsets[1]) * bottom_shape[2]
+                            + h + offsets[2];
+    std::memcpy(top + static_cast<long>(r) * width, bottom + source_row * bottom_shape[3] + offsets[3],
+                sizeof(Dtype) * width);
   }
 }
 
