@@ -1,6 +1,7 @@
 """Small helpers the loss reference tests share."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +40,14 @@ def darknet():
     yield get
     for engine in engines.values():
         engine.close()
+
+
+def assert_printed_stats(printed_lines: list[tuple[str, ...]], refs: list[dict], keys: tuple[str, ...]) -> None:
+    """Darknet's printed per-head statistics (parsed %f fields) equal the reference's, NaN for NaN."""
+    for printed, stats in zip(printed_lines, refs):
+        for key, value in zip(keys, printed):
+            number = float(value)
+            if math.isnan(number):
+                assert math.isnan(stats[key]), key
+            else:
+                assert abs(stats[key] - number) <= 5e-7 + 1e-12, (key, stats[key], number)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from byte_mutations import mutate_bytes
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -86,23 +87,6 @@ def test_seeds_read_back() -> None:
         parse_prototxt(text, name, _message_for(name))
 
 
-def garble(data: bytes, ops: list[tuple[str, float, bytes]]) -> bytes:
-    out = bytearray(data)
-    for op, where, blob in ops:
-        pos = int(where * len(out))
-        if op == "truncate":
-            del out[pos:]
-        elif op == "insert":
-            out[pos:pos] = blob
-        elif op == "delete":
-            del out[pos:pos + len(blob)]
-        elif op == "overwrite":
-            out[pos:pos + len(blob)] = blob
-        elif op == "duplicate":
-            out[pos:pos] = out[pos:pos + 8 * len(blob)]
-    return bytes(out)
-
-
 byte_ops = st.lists(st.tuples(st.sampled_from(["truncate", "insert", "delete", "overwrite", "duplicate"]),
                               st.floats(0.0, 1.0, exclude_max=True),
                               st.one_of(st.binary(min_size=1, max_size=12),
@@ -116,7 +100,7 @@ byte_ops = st.lists(st.tuples(st.sampled_from(["truncate", "insert", "delete", "
 def test_fuzz_garbled_caffemodel_reads_or_raises_d2c_error(seed: str, ops: list, full: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="d2c-fuzz-", dir=SCRATCH) as tmp:
         path = Path(tmp) / "garbled.caffemodel"
-        path.write_bytes(garble(MODELS[seed], ops))
+        path.write_bytes(mutate_bytes(MODELS[seed], ops))
         try:
             if full:
                 net = read_caffemodel_net(path)
@@ -201,7 +185,7 @@ def test_fuzz_garbled_prototxt_parses_or_raises_d2c_error(seed: str, ops: list) 
 @given(seed=st.sampled_from(sorted(TEXTS)), ops=byte_ops)
 def test_fuzz_prototxt_from_garbled_bytes(seed: str, ops: list) -> None:
     """Byte garbage decoded the way a reader would (replacement characters for bad UTF-8)."""
-    text = garble(TEXTS[seed].encode(), ops).decode("utf-8", errors="replace")
+    text = mutate_bytes(TEXTS[seed].encode(), ops).decode("utf-8", errors="replace")
     try:
         parse_prototxt(text, "x.prototxt", None)
         event("parsed")

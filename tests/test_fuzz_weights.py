@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from byte_mutations import mutate_bytes
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -221,21 +222,6 @@ def test_fuzz_random_bytes_as_weights(name: str, data: bytes) -> None:
             event("refused")
 
 
-def mutate_file(data: bytes, ops: list[tuple]) -> bytes:
-    out = bytearray(data)
-    for op, where, blob in ops:
-        pos = int(where * len(out))
-        if op == "truncate":
-            del out[pos:]
-        elif op == "insert":
-            out[pos:pos] = blob
-        elif op == "delete":
-            del out[pos:pos + len(blob)]
-        elif op == "overwrite":
-            out[pos:pos + len(blob)] = blob
-    return bytes(out)
-
-
 file_ops = st.lists(st.tuples(st.sampled_from(["truncate", "insert", "delete", "overwrite"]),
                               st.floats(0.0, 1.0, exclude_max=True), st.binary(min_size=1, max_size=16)),
                     min_size=1, max_size=4)
@@ -250,7 +236,7 @@ def test_fuzz_convert_with_mutated_weights_converts_or_raises_d2c_error() -> Non
     def check(case: tuple[str, int], ops: list[tuple], allow_trailing: bool) -> None:
         fx, k = FIXTURES[case[0]], case[1]
         with tempfile.TemporaryDirectory(prefix="d2c-fuzz-", dir=SCRATCH) as tmp:
-            path = _write(tmp, mutate_file(fx.files[k], ops))
+            path = _write(tmp, mutate_bytes(fx.files[k], ops))
             out = Path(tmp) / "out"
             try:
                 report = convert(fx.cfg, path, out, allow_trailing=allow_trailing)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from loss_helpers import darknet, make_truth, sigmoid64  # noqa: F401  (darknet is a fixture)
+from loss_helpers import assert_printed_stats, darknet, make_truth, sigmoid64  # noqa: F401  (darknet is a fixture)
 
 from d2c.errors import ParamError
 from d2c.loss.boxes import Box, box_giou, box_iou, dx_box_iou, mag_array, mag_array_sq, seq_sum_f32
@@ -748,13 +748,7 @@ def test_darknet_printed_statistics() -> None:
     lines = re.findall(pattern, text)
     assert len(lines) == 2
     keys = ("avg_iou", "class", "obj", "no_obj", "recall50", "recall75", "count")
-    for printed, stats in zip(lines, refs):
-        for key, value in zip(keys, printed):
-            number = float(value)
-            if math.isnan(number):
-                assert math.isnan(stats[key]), key
-            else:
-                assert abs(stats[key] - number) <= 5e-7 + 1e-12, (key, stats[key], number)
+    assert_printed_stats(lines, refs, keys)
     assert refs[1]["count"] == 0 and lines[1][0] == "-nan"
 
 
