@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from d2c.errors import DatasetError
+from d2c.fsutil import input_errors
 
 F32 = np.float32
 
@@ -117,14 +118,8 @@ class DataSpec:
         """Parse with read_data_cfg's rules: whitespace removed anywhere in a line, '#'/';'
         comments, split at the first '=', first occurrence of a key wins."""
         p = Path(path)
-        try:
+        with input_errors(p, ".data", ".data", DatasetError):
             raw = p.read_bytes()
-        except FileNotFoundError:
-            raise DatasetError(f"{p}: no such .data file") from None
-        except IsADirectoryError:
-            raise DatasetError(f"{p}: is a directory, expected a .data file") from None
-        except OSError as exc:
-            raise DatasetError(f"{p}: cannot read: {exc.strerror or exc}") from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from d2c.errors import CfgError
+from d2c.fsutil import input_errors
 
 # Darknet's accepted section spellings (parser.c: string_to_layer_type) -> canonical name.
 SECTION_ALIASES: dict[str, str] = {
@@ -192,14 +193,8 @@ def _to_float(value: str, err) -> float:
 def read_cfg_text(path: str | Path) -> str:
     """Read a cfg as text with a clear error for missing, binary or non-UTF-8 files."""
     p = Path(path)
-    try:
+    with input_errors(p, "cfg", ".cfg", CfgError):
         data = p.read_bytes()
-    except FileNotFoundError:
-        raise CfgError(f"{p}: no such cfg file") from None
-    except IsADirectoryError:
-        raise CfgError(f"{p}: is a directory, expected a .cfg file") from None
-    except OSError as exc:
-        raise CfgError(f"{p}: cannot read: {exc.strerror}") from None
     if b"\x00" in data:
         raise CfgError(f"{p}: is a binary file (NUL byte at offset {data.index(0)}), expected a text .cfg")
     try:

@@ -14,7 +14,7 @@ import numpy as np
 
 from d2c.darknet.graph import Graph
 from d2c.errors import WeightsError
-from d2c.fsutil import atomic_write
+from d2c.fsutil import atomic_write, input_errors
 
 
 @dataclass
@@ -54,15 +54,8 @@ class LayerArrays:
 def read_header(path: str | Path) -> WeightsHeader:
     """Parse the header only, with clear errors for missing or tiny files."""
     p = Path(path)
-    try:
-        with open(p, "rb") as handle:
-            raw = handle.read(20)
-    except FileNotFoundError:
-        raise WeightsError(f"{p}: no such weights file") from None
-    except IsADirectoryError:
-        raise WeightsError(f"{p}: is a directory, expected a .weights file") from None
-    except OSError as exc:
-        raise WeightsError(f"{p}: cannot read: {exc.strerror}") from None
+    with input_errors(p, "weights", ".weights", WeightsError), open(p, "rb") as handle:
+        raw = handle.read(20)
     if len(raw) < 12:
         raise WeightsError(f"{p}: {len(raw)} bytes is too short for a Darknet header (needs 16 or 20)")
     major, minor, revision = struct.unpack("<iii", raw[:12])
