@@ -161,12 +161,17 @@ def _wait_for_snapshot(out: Path, proc: subprocess.Popen, at_least: int, timeout
     raise AssertionError("no snapshot in time")
 
 
+def _start_cli_training(dataset, out: Path, snapshot_every: int) -> subprocess.Popen:
+    """`d2c train` in a child process, so a test can signal it mid-run."""
+    return subprocess.Popen(_cli(str(dataset), str(CFG), "--out", str(out), "--seed", str(SEED),
+                                 "--snapshot-every", str(snapshot_every), "--max-batches", str(MAX), "--quiet"),
+                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def test_kill_9_then_resume_is_bit_identical(dataset, reference, tmp_path) -> None:
     """SIGKILL a training process at a random point after its second snapshot; --resume finishes the run."""
     result, _ = reference
-    proc = subprocess.Popen(_cli(str(dataset), str(CFG), "--out", str(tmp_path), "--seed", str(SEED),
-                                 "--snapshot-every", "2", "--max-batches", str(MAX), "--quiet"),
-                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _start_cli_training(dataset, tmp_path, snapshot_every=2)
     try:
         _wait_for_snapshot(tmp_path, proc, at_least=4)
         time.sleep(0.3)   # somewhere in a later iteration or snapshot
@@ -187,9 +192,7 @@ def test_kill_9_then_resume_is_bit_identical(dataset, reference, tmp_path) -> No
 def test_sigint_snapshots_and_exits_130(dataset, reference, tmp_path) -> None:
     """Ctrl-C on the CLI: finish the iteration, snapshot, exit 130; --resume continues exactly."""
     result, _ = reference
-    proc = subprocess.Popen(_cli(str(dataset), str(CFG), "--out", str(tmp_path), "--seed", str(SEED),
-                                 "--snapshot-every", "3", "--max-batches", str(MAX), "--quiet"),
-                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _start_cli_training(dataset, tmp_path, snapshot_every=3)
     try:
         _wait_for_snapshot(tmp_path, proc, at_least=3)
         proc.send_signal(signal.SIGINT)
