@@ -77,16 +77,21 @@ def _by_channel(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(b, c, h * w).transpose(1, 0, 2).reshape(c, b * h * w))
 
 
+def _block_width(x: np.ndarray) -> int:
+    """Spatial positions per block: about BLOCK_ELEMENTS elements over all channels."""
+    return max(1, BLOCK_ELEMENTS // max(x.shape[1], 1))
+
+
 def _spatial_blocks(x: np.ndarray) -> list[tuple[int, int, int]]:
     """(image, start, stop) pieces of the H*W axis in Darknet's order (image outer, spatial inner).
 
     Why blocks: every formula here is per element or a per-channel running sum, so working on
     (C, ~BLOCK_ELEMENTS/C) pieces gives the same bits as whole-array numpy while the float64
-    temporaries stay in cache (3-4x faster on a batch-16 416x416 layer).
+    temporaries stay in cache (2.4-3x faster on a batch-16 416x416 layer).
     """
-    b, c = x.shape[0], x.shape[1]
+    b = x.shape[0]
     hw = int(np.prod(x.shape[2:]))
-    width = max(1, BLOCK_ELEMENTS // max(c, 1))
+    width = _block_width(x)
     return [(n, start, min(start + width, hw)) for n in range(b) for start in range(0, hw, width)]
 
 
@@ -112,10 +117,6 @@ class _SequentialChannelSum:
 def _planes(x: np.ndarray) -> np.ndarray:
     """(b, C, H, W) as (b, C, H*W) without copying."""
     return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _block_width(x: np.ndarray) -> int:
-    return max(1, BLOCK_ELEMENTS // max(x.shape[1], 1))
 
 
 def batch_mean(x: np.ndarray) -> np.ndarray:
