@@ -6,7 +6,9 @@ pjreddie's src/yolo_layer.c, src/region_layer.c, src/network.c (fill_network_box
 src/box.c (do_nms_sort) and src/image.c (draw_detections print order), with the floating
 point of the Debian build: logistic and the w/h exponentials in double, everything else in
 float32 in the same operation order. AlexeyAB heads add scale_x_y and new_coords (its
-src/yolo_layer.c); its logistic is float (expf).
+src/yolo_layer.c); its logistic is float (expf). The activations, box decode and IoU are
+d2c.numerics, the very functions the training loss uses, and the head parameters come from
+d2c.head_params, so detect and the loss agree bit for bit.
 
 Differences from Darknet, on purpose: unreadable images are an error (Darknet substitutes a
 black 10x10 image), and hierarchical (YOLO9000) region heads are not supported.
@@ -24,8 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from d2c import numerics
 from d2c.errors import D2CError, DatasetError, EngineError
+from d2c.head_params import RegionParams, YoloParams, head_params
 from d2c.image import letterbox, letterbox_size, load_image_rgb
+from d2c.numerics import region_activate, yolo_activate, yolo_box
 
 F32 = np.float32
 F64 = np.float64
@@ -65,45 +70,6 @@ class _Batch:
     objectness: np.ndarray  # (n,) float32
     probs: np.ndarray       # (n, classes) float32
     classes: int
-
-
-def logistic_double(x: np.ndarray) -> np.ndarray:
-    """pjreddie's logistic on Debian: 1/(1+exp(-x)) in double, rounded to float once."""
-    return (1.0 / (1.0 + np.exp(-np.asarray(x, dtype=F64)))).astype(F32)
-
-
-def logistic_float(x: np.ndarray) -> np.ndarray:
-    """AlexeyAB's logistic: 1.f/(1.f+expf(-x)), all in float."""
-    x = np.asarray(x, dtype=F32)
-    return (F32(1) / (F32(1) + np.exp(-x))).astype(F32)
-
-
-def softmax_channels(z: np.ndarray) -> np.ndarray:
-    """Darknet's softmax over axis 0 (temperature 1) as Debian's -Ofast build evaluates it.
-
-    e = expf(z - max); the sum is sequential for up to 30 entries, and for more it runs in
-    4 interleaved float lanes (lane l adds entries l, l+4, ...), combined as
-    (l0 + l2) + (l1 + l3), then the remaining n mod 4 entries one by one; finally each e is
-    multiplied by the float reciprocal 1/sum. The vector path uses libmvec's expf, which
-    may differ from the correctly rounded one by an ulp.
-    """
-    z = np.asarray(z, dtype=F32)
-    count = z.shape[0]
-    largest = z.max(axis=0)
-    e = np.exp((z - largest).astype(F64)).astype(F32)
-    if count <= 30:
-        total = e[0].copy()
-        for k in range(1, count):
-            total += e[k]
-    else:
-        body = count - count % 4
-        lanes = [np.zeros_like(e[0]) for _ in range(4)]
-        for k in range(body):
-            lanes[k % 4] += e[k]
-        total = (lanes[0] + lanes[2]) + (lanes[1] + lanes[3])
-        for k in range(body, count):
-            total += e[k]
-    return (e * (F32(1) / total)).astype(F32)
 
 
 def _correct_boxes(boxes: np.ndarray, im_w: int, im_h: int, net_w: int, net_h: int,
@@ -149,89 +115,44 @@ def _head_input(outputs: dict[str, np.ndarray], head: dict[str, Any]) -> np.ndar
     return raw
 
 
-def _decode_yolo(raw: np.ndarray, head: dict[str, Any], net_w: int, net_h: int, thresh: F32,
-                 alexeyab: bool) -> _Batch:
+def _decode_yolo(raw: np.ndarray, p: YoloParams, thresh: F32) -> _Batch:
     """get_yolo_detections: cell-major (row, col, anchor) for objectness > thresh."""
-    classes = int(head["classes"])
-    mask = [int(m) for m in head["mask"]]
-    anchors = np.asarray(head["anchors"], dtype=F32)   # (float)atof, as Darknet stores them
-    scale_x_y = float(head.get("scale_x_y", 1.0))
-    new_coords = int(head.get("new_coords", 0))
-    n = len(mask)
+    classes, n = p.classes, p.n
     _, lh, lw = raw.shape
-    out = raw.reshape(n, 5 + classes, lh, lw).copy()
-    if alexeyab:
-        if not new_coords:
-            out[:, 0:2] = logistic_float(out[:, 0:2])
-            out[:, 4:] = logistic_float(out[:, 4:])
-        # scal_add_cpu(x, ALPHA=s, BETA=(float)(-0.5*(s-1))): x*s + beta in float.
-        out[:, 0:2] = out[:, 0:2] * F32(scale_x_y) + F32(-0.5 * (scale_x_y - 1.0))
-    else:
-        out[:, 0:2] = logistic_double(out[:, 0:2])
-        out[:, 4:] = logistic_double(out[:, 4:])
+    out = yolo_activate(raw.reshape(n, 5 + classes, lh, lw).copy(), p.flavor, p.scale_x_y, p.new_coords)
 
     # (cell, anchor) order: transpose the anchor axis inside the cell axis.
     flat = out.reshape(n, 5 + classes, lh * lw).transpose(2, 0, 1)     # (cells, n, entries)
     objectness = flat[:, :, 4]
     cell, slot = np.nonzero(objectness > thresh)
     sel = flat[cell, slot]                                               # (k, entries)
-    col = (cell % lw).astype(F32)
-    row = (cell // lw).astype(F32)
-    boxes = np.empty((len(cell), 4), dtype=F32)
-    boxes[:, 0] = (col + sel[:, 0]) / F32(lw)
-    boxes[:, 1] = (row + sel[:, 1]) / F32(lh)
-    anchor_idx = np.asarray(mask, dtype=np.int64)[slot]
-    anchor_w = anchors[2 * anchor_idx]
-    anchor_h = anchors[2 * anchor_idx + 1]
-    if new_coords:
-        boxes[:, 2] = sel[:, 2] * sel[:, 2] * F32(4) * anchor_w / F32(net_w)
-        boxes[:, 3] = sel[:, 3] * sel[:, 3] * F32(4) * anchor_h / F32(net_h)
-    else:
-        boxes[:, 2] = (np.exp(sel[:, 2].astype(F64)) * anchor_w.astype(F64) / F64(net_w)).astype(F32)
-        boxes[:, 3] = (np.exp(sel[:, 3].astype(F64)) * anchor_h.astype(F64) / F64(net_h)).astype(F32)
+    anchors = np.asarray(p.anchors, dtype=F32)   # (float)atof, as Darknet stores them
+    anchor_idx = np.asarray(p.mask, dtype=np.int64)[slot]
+    box = yolo_box(sel[:, 0], sel[:, 1], sel[:, 2], sel[:, 3], cell % lw, cell // lw, lw, lh,
+                   anchors[2 * anchor_idx], anchors[2 * anchor_idx + 1], p.net_w, p.net_h, p.new_coords)
+    boxes = np.stack(box, axis=1).astype(F32).reshape(len(cell), 4)
     obj = sel[:, 4].astype(F32)
     probs = obj[:, None] * sel[:, 5:]
     probs = np.where(probs > thresh, probs, F32(0)).astype(F32)
     return _Batch(boxes=boxes, objectness=obj, probs=probs, classes=classes)
 
 
-def _decode_region(raw: np.ndarray, head: dict[str, Any], thresh: F32) -> _Batch:
+def _decode_region(raw: np.ndarray, p: RegionParams, thresh: F32) -> _Batch:
     """get_region_detections: every (anchor, row, col), anchor-major; det.classes stays 0."""
-    classes = int(head["classes"])
-    coords = int(head.get("coords", 4))
-    num = int(head["num"])
-    softmax = int(head.get("softmax", 0))
-    background = int(head.get("background", 0))
-    if head.get("tree") or head.get("map"):
-        raise D2CError("hierarchical (YOLO9000) region heads are not supported by d2c detect")
-    anchors = np.asarray(head["anchors"], dtype=F32)
+    classes, coords, num = p.classes, p.coords, p.num
     _, lh, lw = raw.shape
     entries = coords + classes + 1
-    z = raw.reshape(num, entries, lh, lw)
-    out = z.copy()
-    out[:, 0:2] = logistic_double(out[:, 0:2])
-    if not background:
-        out[:, coords] = logistic_double(out[:, coords])
-    if not softmax:
-        out[:, coords + 1:] = logistic_double(out[:, coords + 1:])
-    else:
-        start = coords + (0 if background else 1)
-        count = classes + background
-        soft = softmax_channels(np.moveaxis(z[:, start:start + count], 1, 0))
-        out[:, start:start + count] = np.moveaxis(soft, 0, 1)
+    out = region_activate(raw.reshape(num, entries, lh, lw).copy(), coords, classes, p.background, p.softmax)
 
     flat = out.reshape(num, entries, lh * lw).transpose(0, 2, 1).reshape(num * lh * lw, entries)
     cell = np.tile(np.arange(lh * lw), num)
     slot = np.repeat(np.arange(num), lh * lw)
-    col = (cell % lw).astype(F32)
-    row = (cell // lw).astype(F32)
-    boxes = np.empty((len(cell), 4), dtype=F32)
-    boxes[:, 0] = (col + flat[:, 0]) / F32(lw)
-    boxes[:, 1] = (row + flat[:, 1]) / F32(lh)
+    anchors = np.asarray(p.anchors, dtype=F32)
     # Region anchors are in grid cells: divided by the layer size, not the network size.
-    boxes[:, 2] = (np.exp(flat[:, 2].astype(F64)) * anchors[2 * slot].astype(F64) / F64(lw)).astype(F32)
-    boxes[:, 3] = (np.exp(flat[:, 3].astype(F64)) * anchors[2 * slot + 1].astype(F64) / F64(lh)).astype(F32)
-    scale = np.ones(len(cell), dtype=F32) if background else flat[:, coords].astype(F32)
+    box = yolo_box(flat[:, 0], flat[:, 1], flat[:, 2], flat[:, 3], cell % lw, cell // lw, lw, lh,
+                   anchors[2 * slot], anchors[2 * slot + 1], lw, lh)
+    boxes = np.stack(box, axis=1).astype(F32).reshape(len(cell), 4)
+    scale = np.ones(len(cell), dtype=F32) if p.background else flat[:, coords].astype(F32)
     objectness = np.where(scale > thresh, scale, F32(0)).astype(F32)
     # Class j is read at entry coords+1+j even with background=1 (Darknet's own indexing).
     probs = scale[:, None] * flat[:, coords + 1:coords + 1 + classes]
@@ -257,12 +178,15 @@ def decode_heads(outputs: dict[str, np.ndarray], sidecar: dict[str, Any], im_w: 
     dets: list[Detection] = []
     for position, head in enumerate(heads):
         raw = _head_input(outputs, head)
-        if head["kind"] == "yolo":
-            batch = _decode_yolo(raw, head, net_w, net_h, thresh32, alexeyab)
-        elif head["kind"] == "region":
-            batch = _decode_region(raw, head, thresh32)
-        else:
+        if head["kind"] not in ("yolo", "region"):
             raise D2CError(f"cannot decode a '{head['kind']}' head")
+        if head.get("tree") or head.get("map"):
+            raise D2CError("hierarchical (YOLO9000) region heads are not supported by d2c detect")
+        p = head_params(head["kind"], head, net_w, net_h, "alexeyab" if alexeyab else "pjreddie")
+        if head["kind"] == "yolo":
+            batch = _decode_yolo(raw, p, thresh32)
+        else:
+            batch = _decode_region(raw, p, thresh32)
         width = batch.probs.shape[1]
         if width > alloc:
             raise D2CError(f"head {position} has {width} classes but the last head only {alloc}; "
@@ -282,23 +206,8 @@ def decode_heads(outputs: dict[str, np.ndarray], sidecar: dict[str, Any], im_w: 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """box.c box_iou of box `a` (4,) against boxes `b` (n, 4), in float32 like Darknet."""
-    a = np.asarray(a, dtype=F32)
     b = np.asarray(b, dtype=F32).reshape(-1, 4)
-    half = F32(0.5)
-
-    def overlap(x1: F32, w1: F32, x2: np.ndarray, w2: np.ndarray) -> np.ndarray:
-        l1, l2 = x1 - w1 * half, x2 - w2 * half
-        left = np.where(l1 > l2, l1, l2)
-        r1, r2 = x1 + w1 * half, x2 + w2 * half
-        right = np.where(r1 < r2, r1, r2)
-        return right - left
-
-    ow = overlap(a[0], a[2], b[:, 0], b[:, 2])
-    oh = overlap(a[1], a[3], b[:, 1], b[:, 3])
-    inter = np.where((ow < 0) | (oh < 0), F32(0), ow * oh)
-    union = (a[2] * a[3] + b[:, 2] * b[:, 3]) - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (inter / union).astype(F32)
+    return numerics.box_iou(numerics.Box(*np.asarray(a, dtype=F32)), numerics.Box(*b.T)).astype(F32)
 
 
 def do_nms_sort(dets: list[Detection], classes: int, nms: float) -> list[Detection]:

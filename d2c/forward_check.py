@@ -62,14 +62,14 @@ def diff(reference: np.ndarray, other: np.ndarray) -> tuple[float, float, float]
 
 def head_forward(node: Node, z: np.ndarray, graph: Graph) -> np.ndarray:
     """Darknet's in-layer activation of a [yolo]/[region] head, applied to the raw Caffe blob."""
-    from d2c.loss.emit import head_params_json
-    from d2c.loss.region import RegionParams, region_forward
-    from d2c.loss.yolo import YoloParams, yolo_forward
+    from d2c.head_params import head_params
+    from d2c.loss.region import region_forward
+    from d2c.loss.yolo import yolo_forward
 
-    params = head_params_json(node.kind, node.attrs, graph.net.width, graph.net.height, graph.flavor)
+    params = head_params(node.kind, node.attrs, graph.net.width, graph.net.height, graph.flavor)
     if node.kind == "yolo":
-        return yolo_forward(z, YoloParams.from_json(params))
-    return region_forward(z, RegionParams.from_json(params))
+        return yolo_forward(z, params)
+    return region_forward(z, params)
 
 
 def random_input(graph: Graph, batch: int, seed: int) -> np.ndarray:

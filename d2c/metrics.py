@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from d2c.errors import D2CError
+from d2c.numerics import Box, box_iou
 
 F32 = np.float32
 DEFAULT_THRESH = 0.005   # Darknet's validate_detector_map threshold
@@ -74,17 +75,9 @@ class MapResult:
 # --------------------------------------------------------------------------------------------
 
 def iou_xywh(box: Sequence[float], others: np.ndarray) -> np.ndarray:
-    """IoU of one centre/size box with each row of `others` (k, 4), in float64."""
+    """IoU of one centre/size box with each row of `others` (k, 4), in float64 (0 when empty)."""
     others = np.asarray(others, np.float64).reshape(-1, 4)
-    x, y, w, h = (float(v) for v in box)
-    left = np.maximum(x - w / 2, others[:, 0] - others[:, 2] / 2)
-    right = np.minimum(x + w / 2, others[:, 0] + others[:, 2] / 2)
-    top = np.maximum(y - h / 2, others[:, 1] - others[:, 3] / 2)
-    bottom = np.minimum(y + h / 2, others[:, 1] + others[:, 3] / 2)
-    inter = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
-    union = w * h + others[:, 2] * others[:, 3] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
+    return box_iou(Box(*np.asarray(box, np.float64)), Box(*others.T), zero_guard=True)
 
 
 def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:

@@ -30,9 +30,10 @@ from d2c.convert import convert, load_graph
 from d2c.darknet.runtime import DarknetProcess
 from d2c.darknet.weights import WeightsHeader, random_weights, write_weights
 from d2c.detect import (Detection, Engine, box_iou, class_names, decode_heads, detections_to_json,
-                        do_nms_sort, load_model_files, logistic_double, run_model, softmax_channels)
+                        do_nms_sort, load_model_files, run_model)
 from d2c.errors import D2CError, DatasetError
 from d2c.image import letterbox, letterbox_size, load_image_rgb, resize_image
+from d2c.numerics import logistic_darknet, softmax_darknet
 
 F32 = np.float32
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,7 +228,7 @@ def test_yolo_decode_formulas(case: str, im_wh: tuple[int, int]) -> None:
     rng = np.random.default_rng(7)
     raw = rng.normal(0, 2, size=shape).astype(F32)
     if side["heads"][0]["new_coords"]:      # the conv before such heads is logistic already
-        raw = logistic_double(raw)
+        raw = logistic_darknet(raw)
     dets = decode_heads({"head": raw[None]}, side, *im_wh, thresh=0.3)
     ref = _ref_yolo(raw, side, *im_wh, thresh=0.3)
     assert 0 < len(dets) == len(ref) < shape[1] * shape[2] * len(mask)
@@ -335,7 +336,7 @@ def test_region_background_quirks() -> None:
 @pytest.mark.parametrize("count", [3, 20, 30, 31, 80, 83])
 def test_softmax_sums_to_one(count: int) -> None:
     z = np.random.default_rng(count).normal(0, 3, size=(count, 4)).astype(F32)
-    p = softmax_channels(z)
+    p = softmax_darknet(z)
     ref = np.exp(z - z.max(0)) / np.exp(z - z.max(0)).sum(0)
     assert_allclose(p, ref, rtol=1e-6, atol=1e-8)
 

@@ -12,7 +12,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from loss_helpers import assert_printed_stats, darknet, make_truth, sigmoid64  # noqa: F401  (darknet is a fixture)
 
 from d2c.errors import ParamError
-from d2c.loss.boxes import Box, box_giou, box_iou, dx_box_iou, mag_array, mag_array_sq, seq_sum_f32
+from d2c.numerics import Box, box_giou, box_iou, dx_box_iou, mag_array, mag_array_sq, seq_sum_f32
 from d2c.loss.yolo import YoloParams, yolo_forward, yolo_grad, yolo_loss
 
 ANCHORS = (10.0, 14.0, 23.0, 27.0, 37.0, 58.0, 81.0, 82.0, 135.0, 169.0, 344.0, 319.0)
@@ -147,7 +147,7 @@ def test_alexeyab_forward_scale_x_y_and_new_coords() -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# Helpers of boxes.py
+# Helpers of d2c.numerics
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 7, 8, 9, 13, 100, 1001])

@@ -8,6 +8,7 @@ import numpy as np
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
 from d2c.errors import CfgError, UnsupportedLayerError
+from d2c.head_params import REGION_MAX_TRUTHS, region_default
 from d2c.layers.base import LayerConverter, Node, positive, register
 from d2c.layers.common import emit_head
 
@@ -26,7 +27,7 @@ class Region(LayerConverter):
 
     def build(self, sec: Section, graph: GraphBuilder) -> Node:
         prev, (c, h, w) = graph.previous(sec)
-        coords = positive(sec, "coords", sec.get_int("coords", 4))
+        coords = positive(sec, "coords", sec.get_int("coords", region_default("coords")))
         classes = positive(sec, "classes", sec.get_int("classes", 20))
         num = positive(sec, "num", sec.get_int("num", 1))
         for key in ("tree", "map"):
@@ -41,19 +42,21 @@ class Region(LayerConverter):
         if c != num * (coords + classes + 1):
             raise CfgError(f"{sec.where}: input has {c} channels but num {num} x (coords {coords} + classes "
                            f"{classes} + 1) = {num * (coords + classes + 1)}")
+        flag = lambda key: sec.get_int(key, int(region_default(key)))  # noqa: E731
+        number = lambda key: sec.get_float(key, region_default(key))  # noqa: E731
         attrs = {
             "classes": classes, "coords": coords, "num": num, "anchors": anchors[: 2 * num],
-            "softmax": sec.get_int("softmax", 0), "background": sec.get_int("background", 0),
-            "log": sec.get_int("log", 0), "sqrt": sec.get_int("sqrt", 0), "max_boxes": 30,
-            "jitter": sec.get_float("jitter", 0.2), "rescore": sec.get_int("rescore", 0),
-            "thresh": sec.get_float("thresh", 0.5), "classfix": sec.get_int("classfix", 0),
+            "softmax": flag("softmax"), "background": flag("background"),
+            "log": flag("log"), "sqrt": flag("sqrt"), "max_boxes": REGION_MAX_TRUTHS,
+            "jitter": sec.get_float("jitter", 0.2), "rescore": flag("rescore"),
+            "thresh": number("thresh"), "classfix": sec.get_int("classfix", 0),
             "absolute": sec.get_int("absolute", 0), "random": sec.get_int("random", 0),
-            "coord_scale": sec.get_float("coord_scale", 1.0), "object_scale": sec.get_float("object_scale", 1.0),
-            "noobject_scale": sec.get_float("noobject_scale", 1.0),
-            "mask_scale": sec.get_float("mask_scale", 1.0), "class_scale": sec.get_float("class_scale", 1.0),
-            "bias_match": sec.get_int("bias_match", 0),
+            "coord_scale": number("coord_scale"), "object_scale": number("object_scale"),
+            "noobject_scale": number("noobject_scale"),
+            "mask_scale": sec.get_float("mask_scale", 1.0), "class_scale": number("class_scale"),
+            "bias_match": flag("bias_match"),
         }
-        sec.get_int("max", 30)  # parsed by Darknet but the loops hard-code 30
+        sec.get_int("max", REGION_MAX_TRUTHS)  # parsed by Darknet but the loops hard-code 30
         return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev], in_shapes=[(c, h, w)],
                     out_shape=(c, h, w), attrs=attrs)
 

@@ -18,6 +18,7 @@ from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
 from d2c.errors import CfgError, UnsupportedLayerError
 from d2c.layers.base import LayerConverter, Node, positive, register
+from d2c.numerics import softmax_darknet
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
@@ -25,12 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def softmax_reference(x: np.ndarray, groups: int = 1, temperature: float = 1.0) -> np.ndarray:
     """numpy reference of Darknet's softmax layer on (N, C, H, W): one softmax per flat chunk."""
-    n = x.shape[0]
-    chunks = x.reshape(n, groups, -1).astype(np.float32)
-    t = np.float32(temperature)
-    shifted = chunks / t - chunks.max(axis=2, keepdims=True) / t
-    e = np.exp(shifted.astype(np.float64)).astype(np.float32)
-    return (e / e.sum(axis=2, keepdims=True, dtype=np.float32)).reshape(x.shape)
+    chunks = np.asarray(x, np.float32).reshape(x.shape[0], groups, -1)
+    return softmax_darknet(chunks, axis=2, temperature=temperature).reshape(x.shape)
 
 
 @register

@@ -12,13 +12,12 @@ import numpy as np
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
 from d2c.errors import CfgError, UnsupportedLayerError
+from d2c.head_params import IOU_LOSSES, yolo_default
 from d2c.layers.base import LayerConverter, Node, positive, register
 from d2c.layers.common import emit_head
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
-
-IOU_LOSSES = ("mse", "iou", "giou", "diou", "ciou")
 
 
 @register
@@ -49,27 +48,33 @@ class Yolo(LayerConverter):
         if c != len(mask) * (classes + 5):
             raise CfgError(f"{sec.where}: input has {c} channels but mask has {len(mask)} anchors x "
                            f"(classes {classes} + 5) = {len(mask) * (classes + 5)}")
-        alexeyab = graph.flavor == "alexeyab"
-        iou_loss = sec.get_str("iou_loss", "mse")
+        flavor = graph.flavor
+        iou_loss = sec.get_str("iou_loss", yolo_default("iou_loss", flavor))
         if iou_loss not in IOU_LOSSES:
             raise UnsupportedLayerError(f"{sec.where_key('iou_loss')}: '{iou_loss}' not in {IOU_LOSSES}")
         if sec.get_str("map") is not None:
             raise UnsupportedLayerError(f"{sec.where_key('map')}: class remapping files are not supported")
+
+        def number(key: str) -> float:
+            return sec.get_float(key, yolo_default(key, flavor))
+
         attrs = {
             "classes": classes, "mask": mask, "anchors": anchors, "num": total,
-            "max_boxes": sec.get_int("max", 200 if alexeyab else 90),
+            "max_boxes": sec.get_int("max", yolo_default("max_boxes", flavor)),
             "jitter": sec.get_float("jitter", 0.2),
-            "ignore_thresh": sec.get_float("ignore_thresh", 0.5),
-            "truth_thresh": sec.get_float("truth_thresh", 1.0),
+            "ignore_thresh": number("ignore_thresh"),
+            "truth_thresh": number("truth_thresh"),
             "random": sec.get_float("random", 0.0),
-            "scale_x_y": sec.get_float("scale_x_y", 1.0),
-            "new_coords": sec.get_int("new_coords", 0),
+            "scale_x_y": number("scale_x_y"),
+            "new_coords": sec.get_int("new_coords", int(yolo_default("new_coords", flavor))),
             "iou_loss": iou_loss,
-            "iou_normalizer": sec.get_float("iou_normalizer", 0.75 if alexeyab else 1.0),
-            "obj_normalizer": sec.get_float("obj_normalizer", 1.0),
-            "cls_normalizer": sec.get_float("cls_normalizer", 1.0),
-            "iou_thresh": sec.get_float("iou_thresh", 1.0),
-            "max_delta": sec.get_float("max_delta", float("inf")) if sec.has("max_delta") else None,
+            "iou_normalizer": number("iou_normalizer"),
+            "obj_normalizer": number("obj_normalizer"),
+            "cls_normalizer": number("cls_normalizer"),
+            "iou_thresh": number("iou_thresh"),
+            "iou_thresh_kind": sec.get_str("iou_thresh_kind", yolo_default("iou_thresh_kind", flavor)),
+            "label_smooth_eps": number("label_smooth_eps"),
+            "max_delta": number("max_delta") if sec.has("max_delta") else None,
             "beta_nms": sec.get_float("beta_nms", 0.6),
             "nms_kind": sec.get_str("nms_kind", "default"),
         }

@@ -14,41 +14,17 @@ Truth blob width (Darknet's `net->truths`, records of (x, y, w, h, class)):
 """
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 from d2c.caffe.emitter import Emitter
 from d2c.errors import D2CError, ParamError, UnsupportedLayerError
+from d2c.head_params import PJREDDIE_YOLO_TRUTHS, REGION_MAX_TRUTHS, head_params, head_params_json, yolo_default
 from d2c.layers.base import Node
 from d2c.loss.params import LOSS_SCHEMA, check_object, dump_params, parse_param_str
-from d2c.loss.region import RegionParams
-from d2c.loss.yolo import YoloParams
 
 LOSS_MODULE = "d2c.loss.caffe_layers"
 LAYER_CLASS = {"yolo": "YoloLoss", "region": "RegionLoss"}
-PJREDDIE_YOLO_BOXES = 90
-REGION_BOXES = 30
 TRUTH_BLOB = "truth"
-
-
-def head_params_json(kind: str, attrs: dict[str, Any], net_w: int, net_h: int, flavor: str) -> dict[str, Any]:
-    """The YoloParams/RegionParams JSON for a head, from the attributes its converter recorded."""
-    cls = YoloParams if kind == "yolo" else RegionParams
-    known = {f.name: f.type for f in fields(cls)}
-    out: dict[str, Any] = {}
-    for key, value in attrs.items():
-        if key not in known or value is None and key != "max_delta":
-            continue
-        if known[key] == "bool":
-            value = bool(value)  # Darknet reads these flags as ints: any non-zero is on
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[key] = value
-    if kind == "yolo":
-        out.update(net_w=int(net_w), net_h=int(net_h), flavor=flavor)
-        if out.get("max_delta") is None:
-            out.pop("max_delta", None)
-    return out
 
 
 def loss_layer_name(node: Node) -> str:
@@ -63,7 +39,7 @@ def emit_loss_layer(em: Emitter, node: Node, blob: str) -> None:
     _c, net_h, net_w = em.input_shape
     params = head_params_json(kind, node.attrs, net_w, net_h, em.options.flavor)
     try:  # validate now, so a bad head fails at convert time with the cfg line, not in Caffe
-        (YoloParams if kind == "yolo" else RegionParams).from_json(params)
+        head_params(kind, node.attrs, net_w, net_h, em.options.flavor)
     except D2CError as exc:
         raise type(exc)(f"{node.where}: {exc}", exc.problems) from None
     name = loss_layer_name(node)
@@ -94,10 +70,10 @@ def truth_boxes(em: Emitter) -> int:
         raise UnsupportedLayerError("a cfg mixing [yolo] and [region] heads has no single Darknet truth layout "
                                     "(net->truths comes from the last layer); not supported for training")
     if "region" in kinds:
-        return REGION_BOXES
+        return REGION_MAX_TRUTHS
     if em.options.flavor == "pjreddie":
-        return PJREDDIE_YOLO_BOXES
-    return max(int(head.attrs.get("max_boxes") or 200) for head in em.heads)
+        return PJREDDIE_YOLO_TRUTHS
+    return max(int(head.attrs.get("max_boxes") or yolo_default("max_boxes", "alexeyab")) for head in em.heads)
 
 
 def add_truth_input(em: Emitter, graph: Any) -> None:

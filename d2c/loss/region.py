@@ -8,9 +8,7 @@ from the Debian binary's disassembly and verified against it in tests/test_loss_
   w = anchor_w·(1.0f/W) in float (reciprocal multiplies, not divisions); bias_match likewise
   uses anchor·(1.0f/W);
 - `log` of the w/h targets is glibc's float `logf`;
-- softmax (≤ 30 entries) is `expf(z − max)` per entry, a sequential float sum, and a multiply
-  by `1.0f/sum`. For 31+ entries Debian switches to libmvec's vector expf and 4 partial sums,
-  which this reference does not reproduce bit for bit (differences of an ulp or so).
+- softmax is d2c.numerics.softmax_darknet (the same function `d2c detect` decodes with).
 
 Truth: (b, K·5) or (b, K, 5) of (x, y, w, h, class), Darknet's record of 30 boxes; box t of
 image b is read at flat box slot b·K + t for t < 30 (`max` is parsed by Darknet but the loops
@@ -23,116 +21,26 @@ what a trainable Caffe port should use; `mode="cpu"` returns zeros (bit-compatib
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import numpy as np
 
 from d2c.errors import ParamError
-from d2c.loss.boxes import F32, F64, Box, box_iou, expf, logf, logistic_darknet, mag_array_sq, seq_sum_f32
+from d2c.head_params import REGION_MAX_TRUTHS, RegionParams
 from d2c.loss.yolo import (
     LossResult,
     _check_boxes,
     _check_head,
     _first_strict_max,
     _Head,
-    _parse_json_fields,
     _read_boxes_flat,
     _truth_records,
 )
+from d2c.numerics import F32, Box, box_iou, logf, mag_array_sq, region_activate, seq_sum_f32, yolo_box
 
-REGION_MAX_TRUTHS = 30  # hard-coded loop bound in forward_region_layer
 PRIOR_WARMUP_SEEN = 12800
-
-_REGION_SPEC = {
-    "classes": "int", "coords": "int", "num": "int", "anchors": "float*", "softmax": "bool",
-    "rescore": "bool", "bias_match": "bool", "background": "bool", "thresh": "float",
-    "coord_scale": "float", "object_scale": "float", "noobject_scale": "float", "class_scale": "float",
-    "log": "bool", "sqrt": "bool", "max_boxes": "int",
-}
-_REGION_REQUIRED = {"classes", "num", "anchors"}
-
-
-@dataclass(frozen=True)
-class RegionParams:
-    """What a [region] section gives the loss (anchors in grid-cell units).
-
-    `log`, `sqrt` and `max_boxes` are parsed by Darknet but unused by its forward pass; they are
-    accepted and kept for round-tripping only. Only coords = 4 is supported (no mask coords).
-    """
-
-    classes: int
-    num: int
-    anchors: tuple[float, ...]
-    coords: int = 4
-    softmax: bool = False
-    rescore: bool = False
-    bias_match: bool = False
-    background: bool = False
-    thresh: float = 0.5
-    coord_scale: float = 1.0
-    object_scale: float = 1.0
-    noobject_scale: float = 1.0
-    class_scale: float = 1.0
-    log: bool = False
-    sqrt: bool = False
-    max_boxes: int = 30
-
-    def __post_init__(self) -> None:
-        owner = "[region] params"
-        object.__setattr__(self, "anchors", tuple(float(a) for a in self.anchors))
-        if self.classes < 1:
-            raise ParamError(f"{owner}: key 'classes' must be >= 1, got {self.classes}")
-        if self.num < 1:
-            raise ParamError(f"{owner}: key 'num' must be >= 1, got {self.num}")
-        if self.coords != 4:
-            raise ParamError(f"{owner}: key 'coords' = {self.coords} is not supported (only 4)")
-        if len(self.anchors) != 2 * self.num:
-            raise ParamError(f"{owner}: key 'anchors' needs num·2 = {2 * self.num} values, got {len(self.anchors)}")
-        if any(not np.isfinite(a) or a <= 0 for a in self.anchors):
-            raise ParamError(f"{owner}: key 'anchors' must be positive finite sizes, got {self.anchors}")
-
-    @property
-    def entries(self) -> int:
-        return self.coords + 1 + self.classes
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "RegionParams":
-        """Build from a decoded JSON object; unknown keys and wrong types raise ParamError."""
-        return cls(**_parse_json_fields("[region] params", obj, _REGION_SPEC, _REGION_REQUIRED))
-
-    def to_json(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["anchors"] = list(self.anchors)
-        return out
-
-
-def _softmax_darknet(z: np.ndarray, axis: int) -> np.ndarray:
-    """Debian `softmax` (temperature 1, ≤ 30 entries): expf(z−max), sequential sum, ·(1/sum)."""
-    zm = np.moveaxis(np.asarray(z, dtype=F32), axis, 0)
-    largest = np.full(zm.shape[1:], F32(-np.finfo(F32).max), dtype=F32)
-    for k in range(zm.shape[0]):
-        largest = np.where(zm[k] > largest, zm[k], largest)
-    e = expf((zm - largest[None]) * F32(1.0))
-    total = np.zeros(zm.shape[1:], F32)
-    for k in range(zm.shape[0]):
-        total = total + e[k]
-    out = e * (F32(1.0) / total)[None]
-    return np.moveaxis(out.astype(F32), 0, axis)
-
 
 def _activate(z5: np.ndarray, p: RegionParams) -> np.ndarray:
     """In-layer activations on a (b, num, coords+1+C, H, W) float32 copy of the raw input."""
-    raw = z5.copy()
-    o = z5
-    o[:, :, 0:2] = logistic_darknet(o[:, :, 0:2])
-    if not p.background:
-        o[:, :, p.coords] = logistic_darknet(o[:, :, p.coords])
-    if p.softmax:
-        start = p.coords + (0 if p.background else 1)
-        o[:, :, start:p.coords + 1 + p.classes] = _softmax_darknet(raw[:, :, start:p.coords + 1 + p.classes], 2)
-    else:
-        o[:, :, p.coords + 1:] = logistic_darknet(o[:, :, p.coords + 1:])
-    return o
+    return region_activate(z5, p.coords, p.classes, p.background, p.softmax)
 
 
 def region_forward(z: np.ndarray, p: RegionParams) -> np.ndarray:
@@ -141,21 +49,11 @@ def region_forward(z: np.ndarray, p: RegionParams) -> np.ndarray:
     return _activate(z5, p).reshape(np.shape(z))
 
 
-def _decode(ox, oy, ow, oh, i, j, W: int, H: int, aw, ah) -> Box:
-    """get_region_box: x, y in float; w = (double)exp(o_w)·anchor/W in double, rounded."""
-    x = (np.asarray(i, dtype=F32) + ox) / F32(W)
-    y = (np.asarray(j, dtype=F32) + oy) / F32(H)
-    with np.errstate(over="ignore"):
-        w = (np.exp(np.asarray(ow, F32).astype(F64)) * np.asarray(aw, F32).astype(F64) / F64(W)).astype(F32)
-        h = (np.exp(np.asarray(oh, F32).astype(F64)) * np.asarray(ah, F32).astype(F64) / F64(H)).astype(F32)
-    return Box(np.asarray(x, F32), np.asarray(y, F32), w, h)
-
-
 def _box_delta(hd: _Head, base: np.ndarray, i, j, aw, ah, truth: Box, scale, tw_target=None, th_target=None):
     """delta_region_box (assignment) for vectors of targets; returns the IoUs before the update."""
     hw = hd.hw
     ox, oy, ow, oh = (hd.of[base + e * hw] for e in range(4))
-    pred = _decode(ox, oy, ow, oh, i, j, hd.w, hd.h, aw, ah)
+    pred = yolo_box(ox, oy, ow, oh, i, j, hd.w, hd.h, aw, ah, hd.w, hd.h)
     iou = box_iou(pred, truth)
     tx = truth.x * F32(hd.w) - np.asarray(i, dtype=F32)
     ty = truth.y * F32(hd.h) - np.asarray(j, dtype=F32)
@@ -218,8 +116,8 @@ def region_loss(z: np.ndarray, truth: np.ndarray, p: RegionParams, seen: int) ->
         ob = o5[b]
         db = hd.d5[b]
         # A. every prediction
-        pred = _decode(ob[:, 0], ob[:, 1], ob[:, 2], ob[:, 3], ii[None], jj[None], W, H,
-                       aw_all[:, None, None], ah_all[:, None, None])
+        pred = yolo_box(ob[:, 0], ob[:, 1], ob[:, 2], ob[:, 3], ii[None], jj[None], W, H,
+                        aw_all[:, None, None], ah_all[:, None, None], W, H)
         if len(boxes):
             tb = Box(*(boxes[:, k][:, None, None, None] for k in range(4)))
             ious = box_iou(Box(*(v[None] for v in pred)), tb)
@@ -252,8 +150,8 @@ def region_loss(z: np.ndarray, truth: np.ndarray, p: RegionParams, seen: int) ->
             if p.bias_match:
                 pw, ph = aw_all * inv_w32, ah_all * inv_h32
             else:
-                pb = _decode(hd.of[slot_base], hd.of[slot_base + hw], hd.of[slot_base + 2 * hw],
-                             hd.of[slot_base + 3 * hw], i, j, W, H, aw_all, ah_all)
+                pb = yolo_box(hd.of[slot_base], hd.of[slot_base + hw], hd.of[slot_base + 2 * hw],
+                              hd.of[slot_base + 3 * hw], i, j, W, H, aw_all, ah_all, W, H)
                 pw, ph = pb.w, pb.h
             zero = np.zeros(n, F32)
             best_n = _first_strict_max(box_iou(Box(zero, zero, pw, ph), Box(F32(0), F32(0), tw, th)))

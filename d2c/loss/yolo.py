@@ -23,13 +23,14 @@ Conventions
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from d2c.errors import ParamError
-from d2c.loss.boxes import (
+from d2c.head_params import YoloParams
+from d2c.numerics import (
     F32,
     F64,
     Box,
@@ -38,98 +39,19 @@ from d2c.loss.boxes import (
     box_iou_kind,
     dx_box_iou,
     logf,
-    logistic_alexeyab,
-    logistic_darknet,
     mag_array,
     mag_array_sq,
     seq_sum_f32,
+    yolo_activate,
+    yolo_box,
 )
 
-FLAVORS = ("pjreddie", "alexeyab")
-IOU_LOSSES = ("mse", "iou", "giou", "diou", "ciou")
 _ALEXEYAB_CLASS_THRESH = F32(0.25)  # compare_yolo_class's hard-coded conf_thresh
 
 
 # --------------------------------------------------------------------------------------------
-# Strict JSON parameter handling (shared with region.py)
+# Input checks (shared with region.py)
 # --------------------------------------------------------------------------------------------
-
-def _type_name(value: Any) -> str:
-    return type(value).__name__
-
-
-def _json_int(owner: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ParamError(f"{owner}: key '{key}' expects an integer, got {value!r} ({_type_name(value)})")
-    return value
-
-
-def _json_float(owner: str, key: str, value: Any, *, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ParamError(f"{owner}: key '{key}' expects a number, got {value!r} ({_type_name(value)})")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ParamError(f"{owner}: key '{key}' expects a finite number, got {value!r}")
-    return number
-
-
-def _json_bool(owner: str, key: str, value: Any) -> bool:
-    # cfg flags are 0/1 integers, so accept those as well as JSON booleans.
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise ParamError(f"{owner}: key '{key}' expects true/false (or 0/1), got {value!r} ({_type_name(value)})")
-
-
-def _json_str(owner: str, key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ParamError(f"{owner}: key '{key}' expects a string, got {value!r} ({_type_name(value)})")
-    return value
-
-
-def _json_list(owner: str, key: str, value: Any, item) -> tuple:
-    if not isinstance(value, (list, tuple)):
-        raise ParamError(f"{owner}: key '{key}' expects a list, got {value!r} ({_type_name(value)})")
-    return tuple(item(owner, f"{key}[{k}]", v) for k, v in enumerate(value))
-
-
-def _parse_json_fields(owner: str, obj: Any, spec: dict[str, str], required: set[str]) -> dict[str, Any]:
-    """Check an already-decoded JSON object against {key: kind}; unknown keys are errors."""
-    if not isinstance(obj, dict):
-        raise ParamError(f"{owner}: parameters must be a JSON object, got {_type_name(obj)}")
-    unknown = sorted(k for k in obj if k not in spec)
-    if unknown:
-        raise ParamError(f"{owner}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
-                         f"known keys: {', '.join(sorted(spec))}")
-    missing = sorted(required - set(obj))
-    if missing:
-        raise ParamError(f"{owner}: missing required key(s) {', '.join(repr(k) for k in missing)}")
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        kind = spec[key]
-        if kind == "int":
-            out[key] = _json_int(owner, key, value)
-        elif kind == "float":
-            out[key] = _json_float(owner, key, value)
-        elif kind == "float?":
-            out[key] = _json_float(owner, key, value, allow_none=True)
-        elif kind == "bool":
-            out[key] = _json_bool(owner, key, value)
-        elif kind == "str":
-            out[key] = _json_str(owner, key, value)
-        elif kind == "int*":
-            out[key] = _json_list(owner, key, value, _json_int)
-        elif kind == "float*":
-            out[key] = _json_list(owner, key, value, lambda o, k, v: _json_float(o, k, v))
-        elif kind == "int?":
-            out[key] = None if value is None else _json_int(owner, key, value)
-        else:  # pragma: no cover - spec typo
-            raise AssertionError(kind)
-    return out
-
 
 def _check_head(z: np.ndarray, n: int, entries: int, what: str) -> np.ndarray:
     """Validate a (b, n·entries, H, W) head and return it as float32 (b, n, entries, H, W)."""
@@ -196,123 +118,6 @@ def _check_boxes(boxes: np.ndarray, b: int, what: str) -> None:
                          f"outside [0, 1]; Darknet would write outside the layer's grid")
 
 
-# --------------------------------------------------------------------------------------------
-# Parameters and result
-# --------------------------------------------------------------------------------------------
-
-_YOLO_SPEC = {
-    "classes": "int", "mask": "int*", "anchors": "float*", "net_w": "int", "net_h": "int",
-    "ignore_thresh": "float", "truth_thresh": "float", "max_boxes": "int?", "flavor": "str",
-    "scale_x_y": "float", "new_coords": "bool", "iou_loss": "str", "iou_normalizer": "float?",
-    "obj_normalizer": "float", "cls_normalizer": "float", "iou_thresh": "float",
-    "iou_thresh_kind": "str", "max_delta": "float?", "label_smooth_eps": "float",
-}
-_YOLO_REQUIRED = {"classes", "mask", "anchors", "net_w", "net_h"}
-
-
-@dataclass(frozen=True)
-class YoloParams:
-    """Everything a [yolo] section and its [net] give the loss.
-
-    Flavour-dependent defaults are resolved in __post_init__: `max_boxes` 90 (pjreddie) or 200
-    (AlexeyAB); `iou_normalizer` 1 (pjreddie has none) or 0.75 (AlexeyAB's default). AlexeyAB-only
-    keys must keep their neutral values with flavor="pjreddie" (ParamError otherwise), because
-    pjreddie's Darknet ignores them and a silent mismatch would be worse than an error.
-    `cls_normalizer` only matters with AlexeyAB's counters_per_class, which is not supported;
-    it is accepted for completeness and has no effect (as in AlexeyAB without that option).
-    `max_delta=None` in JSON means no clipping (FLT_MAX in AlexeyAB).
-    """
-
-    classes: int
-    mask: tuple[int, ...]
-    anchors: tuple[float, ...]
-    net_w: int
-    net_h: int
-    ignore_thresh: float = 0.5
-    truth_thresh: float = 1.0
-    max_boxes: int | None = None
-    flavor: str = "pjreddie"
-    scale_x_y: float = 1.0
-    new_coords: bool = False
-    iou_loss: str = "mse"
-    iou_normalizer: float | None = None
-    obj_normalizer: float = 1.0
-    cls_normalizer: float = 1.0
-    iou_thresh: float = 1.0
-    iou_thresh_kind: str = "iou"
-    max_delta: float = math.inf
-    label_smooth_eps: float = 0.0
-
-    def __post_init__(self) -> None:
-        owner = "[yolo] params"
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
-        set_("mask", tuple(int(m) for m in self.mask))
-        set_("anchors", tuple(float(a) for a in self.anchors))
-        if self.flavor not in FLAVORS:
-            raise ParamError(f"{owner}: key 'flavor' must be one of {FLAVORS}, got {self.flavor!r}")
-        if self.max_boxes is None:
-            set_("max_boxes", 90 if self.flavor == "pjreddie" else 200)
-        if self.iou_normalizer is None:
-            set_("iou_normalizer", 1.0 if self.flavor == "pjreddie" else 0.75)
-        if self.max_delta is None:
-            set_("max_delta", math.inf)
-        if self.classes < 1:
-            raise ParamError(f"{owner}: key 'classes' must be >= 1, got {self.classes}")
-        if len(self.anchors) < 2 or len(self.anchors) % 2:
-            raise ParamError(f"{owner}: key 'anchors' needs (w, h) pairs, got {len(self.anchors)} values")
-        if any(not math.isfinite(a) or a <= 0 for a in self.anchors):
-            raise ParamError(f"{owner}: key 'anchors' must be positive finite sizes, got {self.anchors}")
-        if not self.mask:
-            raise ParamError(f"{owner}: key 'mask' must list at least one anchor")
-        bad = [m for m in self.mask if not 0 <= m < self.total]
-        if bad:
-            raise ParamError(f"{owner}: key 'mask' has anchor indices {bad} outside 0..{self.total - 1}")
-        if self.net_w < 1 or self.net_h < 1:
-            raise ParamError(f"{owner}: keys 'net_w'/'net_h' must be >= 1, got {self.net_w}x{self.net_h}")
-        if self.max_boxes < 0:
-            raise ParamError(f"{owner}: key 'max_boxes' must be >= 0, got {self.max_boxes}")
-        if self.iou_loss not in IOU_LOSSES:
-            raise ParamError(f"{owner}: key 'iou_loss' must be one of {IOU_LOSSES}, got {self.iou_loss!r}")
-        if self.iou_thresh_kind not in ("iou", "giou", "diou", "ciou"):
-            raise ParamError(f"{owner}: key 'iou_thresh_kind' must be iou, giou, diou or ciou, "
-                             f"got {self.iou_thresh_kind!r}")
-        if not (self.max_delta > 0):
-            raise ParamError(f"{owner}: key 'max_delta' must be > 0, got {self.max_delta}")
-        if self.flavor == "pjreddie":
-            neutral = {"scale_x_y": 1.0, "new_coords": False, "iou_loss": "mse", "iou_normalizer": 1.0,
-                       "obj_normalizer": 1.0, "cls_normalizer": 1.0, "iou_thresh": 1.0,
-                       "iou_thresh_kind": "iou", "max_delta": math.inf, "label_smooth_eps": 0.0}
-            for key, value in neutral.items():
-                if getattr(self, key) != value:
-                    raise ParamError(f"{owner}: key '{key}' = {getattr(self, key)!r} is AlexeyAB-only; "
-                                     f"pjreddie's [yolo] has no such option (use flavor='alexeyab')")
-
-    @property
-    def total(self) -> int:
-        """Number of anchors in the cfg (Darknet's l.total)."""
-        return len(self.anchors) // 2
-
-    @property
-    def n(self) -> int:
-        """Anchor slots of this layer (Darknet's l.n = len(mask))."""
-        return len(self.mask)
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "YoloParams":
-        """Build from a decoded JSON object (e.g. a Caffe param_str); strict about keys and types."""
-        kw = _parse_json_fields("[yolo] params", obj, _YOLO_SPEC, _YOLO_REQUIRED)
-        if kw.get("max_delta", 0) is None:
-            kw["max_delta"] = math.inf
-        return cls(**kw)
-
-    def to_json(self) -> dict:
-        """All fields, defaults resolved; max_delta=inf is written as None (JSON has no inf)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["mask"] = list(self.mask)
-        out["anchors"] = list(self.anchors)
-        out["max_delta"] = None if math.isinf(self.max_delta) else self.max_delta
-        return out
-
 
 @dataclass
 class LossResult:
@@ -331,19 +136,7 @@ class LossResult:
 
 def _activate(z5: np.ndarray, p: YoloParams) -> np.ndarray:
     """In-layer activations on a (b, n, 5+C, H, W) float32 copy."""
-    o = z5
-    if p.flavor == "pjreddie":
-        o[:, :, 0:2] = logistic_darknet(o[:, :, 0:2])
-        o[:, :, 4:] = logistic_darknet(o[:, :, 4:])
-        return o
-    if not p.new_coords:
-        o[:, :, 0:2] = logistic_alexeyab(o[:, :, 0:2])
-        o[:, :, 4:] = logistic_alexeyab(o[:, :, 4:])
-    # scal_add_cpu(x, ALPHA=scale_x_y, BETA=-0.5*(scale_x_y-1)) runs on the CPU build always.
-    alpha = F32(p.scale_x_y)
-    beta = F32(-0.5 * (F64(F32(p.scale_x_y)) - 1))
-    o[:, :, 0:2] = o[:, :, 0:2] * alpha + beta
-    return o
+    return yolo_activate(z5, p.flavor, p.scale_x_y, p.new_coords)
 
 
 def yolo_forward(z: np.ndarray, p: YoloParams) -> np.ndarray:
@@ -382,23 +175,6 @@ def _training_setup(z5: np.ndarray, p: YoloParams) -> tuple:
     jj, ii = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
     return (o5, _Head(o5, p.classes), np.asarray(p.mask), np.asarray(p.anchors, dtype=F32),
             F32(p.ignore_thresh), F32(p.truth_thresh), jj, ii)
-
-
-def _decode_pred(ox, oy, ow, oh, i, j, lw: int, lh: int, anchor_w, anchor_h, net_w: int, net_h: int,
-                 new_coords: bool = False) -> Box:
-    """get_yolo_box: x, y in float; w, h as (double)exp(o)·anchor/net in double, rounded."""
-    x = (np.asarray(i, dtype=F32) + ox) / F32(lw)
-    y = (np.asarray(j, dtype=F32) + oy) / F32(lh)
-    if new_coords:
-        w = ow * ow * F32(4) * np.asarray(anchor_w, dtype=F32) / F32(net_w)
-        h = oh * oh * F32(4) * np.asarray(anchor_h, dtype=F32) / F32(net_h)
-    else:
-        with np.errstate(over="ignore"):
-            w = (np.exp(np.asarray(ow, dtype=F32).astype(F64)) * np.asarray(anchor_w, dtype=F32).astype(F64)
-                 / F64(net_w)).astype(F32)
-            h = (np.exp(np.asarray(oh, dtype=F32).astype(F64)) * np.asarray(anchor_h, dtype=F32).astype(F64)
-                 / F64(net_h)).astype(F32)
-    return Box(np.asarray(x, F32), np.asarray(y, F32), np.asarray(w, F32), np.asarray(h, F32))
 
 
 def _best_anchor(tw: np.float32, th: np.float32, anchors: np.ndarray, net_w: int, net_h: int,
@@ -460,7 +236,7 @@ def _pj_box_delta(hd: _Head, base: np.ndarray, i: np.ndarray, j: np.ndarray, anc
     aw = anchors[2 * anchor]
     ah = anchors[2 * anchor + 1]
     ox, oy, ow, oh = (hd.of[base + e * hw] for e in range(4))
-    pred = _decode_pred(ox, oy, ow, oh, i, j, hd.w, hd.h, aw, ah, p.net_w, p.net_h)
+    pred = yolo_box(ox, oy, ow, oh, i, j, hd.w, hd.h, aw, ah, p.net_w, p.net_h)
     iou = box_iou(pred, truth)
     tx = truth.x * F32(hd.w) - np.asarray(i, dtype=F32)
     ty = truth.y * F32(hd.h) - np.asarray(j, dtype=F32)
@@ -501,7 +277,7 @@ def _yolo_loss_pjreddie(z5: np.ndarray, records: np.ndarray, p: YoloParams) -> L
         ob = o5[b]
         db = hd.d5[b]
         # A. every prediction: objectness target 0 unless it overlaps some truth enough.
-        pred = _decode_pred(ob[:, 0], ob[:, 1], ob[:, 2], ob[:, 3], ii[None], jj[None], W, H,
+        pred = yolo_box(ob[:, 0], ob[:, 1], ob[:, 2], ob[:, 3], ii[None], jj[None], W, H,
                             anchors[2 * mask][:, None, None], anchors[2 * mask + 1][:, None, None],
                             p.net_w, p.net_h)
         if len(boxes):
@@ -610,7 +386,7 @@ def _ab_box_delta(hd: _Head, base: int, i: int, j: int, anchor: int, truth: Box,
     aw = F32(p.anchors[2 * anchor])
     ah = F32(p.anchors[2 * anchor + 1])
     ox, oy, ow, oh = (hd.of[base + e * hw] for e in range(4))
-    pred = _decode_pred(ox, oy, ow, oh, i, j, hd.w, hd.h, aw, ah, p.net_w, p.net_h, p.new_coords)
+    pred = yolo_box(ox, oy, ow, oh, i, j, hd.w, hd.h, aw, ah, p.net_w, p.net_h, p.new_coords)
     pred = Box(*(F32(v) for v in pred))
     ious = {"iou": F32(box_iou(pred, truth, zero_guard=True)), "giou": F32(box_giou(pred, truth))}
     pred = Box(pred.x, pred.y, pred.w if pred.w != 0 else F32(1), pred.h if pred.h != 0 else F32(1))
@@ -674,7 +450,7 @@ def _yolo_loss_alexeyab(z5: np.ndarray, records: np.ndarray, p: YoloParams) -> L
         img_iou_loss = F32(0)
         img_giou_loss = F32(0)
         # A. every prediction
-        pred = _decode_pred(ob[:, 0], ob[:, 1], ob[:, 2], ob[:, 3], ii[None], jj[None], W, H,
+        pred = yolo_box(ob[:, 0], ob[:, 1], ob[:, 2], ob[:, 3], ii[None], jj[None], W, H,
                             anchors[2 * mask][:, None, None], anchors[2 * mask + 1][:, None, None],
                             p.net_w, p.net_h, p.new_coords)
         vb = boxes[valid]

@@ -1,23 +1,30 @@
-"""Float-faithful box and scalar helpers shared by the [yolo] and [region] loss references.
+"""Darknet's numerics, once: activations, softmax, head decoding, IoU family, float sums.
 
-Why a module of its own: Darknet's loss is defined as much by *how* it rounds as by its formulas.
-Everything here reproduces the operation order and precision of the Debian `libdarknet.so`
-(pjreddie 61c9d02e built with -Ofast), as read from its disassembly:
+Why one module: `d2c detect`, the training loss and the parity checks evaluate the same Darknet
+expressions, and Darknet's output is defined as much by *how* it rounds as by its formulas. Two
+copies drift (detect's scale_x_y offset once sat 13 float32 ulps away from the loss's); one copy
+cannot. Everything here reproduces the operation order and precision of the Debian
+`libdarknet.so` (pjreddie 61c9d02e built with -Ofast), as read from its disassembly, and of
+AlexeyAB's src/activations.c, src/yolo_layer.c and src/box.c:
 
-- `box_iou`: float32, `l = x - w*0.5`, `overlap = min(right) - max(left)`, intersection 0 if an
-  overlap is negative, `union = (a.w*a.h + b.w*b.h) - inter`, `iou = inter/union`.
-- `logistic`: `exp` in double, rounded to float (`activate_array`).
+- `logistic_darknet`: pjreddie `logistic_activate`, `exp` in double rounded to float;
+  `logistic_alexeyab`: `1.f/(1.f+expf(-x))`, all in float.
 - `logf` and `expf`: -Ofast narrowed `log((double)f)` in `delta_yolo_box`/`delta_region_box` and
   `exp` in `softmax` to glibc's *float* `logf`/`expf`. numpy's float32 `log`/`exp` differ from
   glibc in a few % of inputs, so `logf` calls glibc through ctypes (it is only evaluated per
   truth box) and `expf` uses float64 `exp` rounded to float except for the rare inputs whose
   result lies next to a rounding midpoint, where it asks glibc too.
+- `softmax_darknet`: blas.c `softmax` as the Debian build runs it (sums below).
+- `yolo_activate`, `region_activate`, `yolo_box`: the in-layer activations of the heads
+  (incl. AlexeyAB's scale_x_y and new_coords) and get_yolo_box / get_region_box.
+- `box_iou`: float32, `l = x - w*0.5`, `overlap = min(right) - max(left)`, intersection 0 if an
+  overlap is negative, `union = (a.w*a.h + b.w*b.h) - inter`, `iou = inter/union`.
 - `mag_array_sq`: `mag_array` is vectorised with 4 interleaved float partial sums, combined as
   `(s0+s2)+(s1+s3)`, then the scalar tail, then `sqrtss`; the cost is that value squared in float.
 
-The AlexeyAB helpers (`box_giou`, `box_diou`, `box_ciou`, `dx_box_iou`) follow AlexeyAB's
-src/box.c formulas. No AlexeyAB engine runs here, so they are dtype-generic (float32 for the
-loss, float64 for finite-difference tests) rather than bit-matched.
+The AlexeyAB IoU helpers (`box_giou`, `box_diou`, `box_ciou`, `dx_box_iou`) follow AlexeyAB's
+src/box.c formulas. They are dtype-generic (float32 for the loss, float64 for finite-difference
+tests) rather than bit-matched to a binary.
 """
 from __future__ import annotations
 
@@ -150,6 +157,96 @@ def mag_array_sq(a: np.ndarray) -> float:
     """Darknet's layer cost `pow(mag_array(delta), 2)`, squared in float as the binary does."""
     m = mag_array(a)
     return float(F32(m * m))
+
+
+def softmax_darknet(z: np.ndarray, axis: int = 0, temperature: float = 1.0) -> np.ndarray:
+    """blas.c `softmax` over `axis` as Debian's -Ofast build evaluates it.
+
+    e = expf(z/t - max/t) in float; the sum is sequential for up to 30 entries, and for more it
+    runs in 4 interleaved float lanes (lane l adds entries l, l+4, ...), combined as
+    (l0 + l2) + (l1 + l3), then the remaining n mod 4 entries one by one; finally each e is
+    multiplied by the float reciprocal 1/sum. The vector path uses libmvec's expf, which may
+    differ from glibc's scalar one by an ulp.
+    """
+    zm = np.moveaxis(np.asarray(z, dtype=F32), axis, 0)
+    count = zm.shape[0]
+    t = F32(temperature)
+    with np.errstate(over="ignore", under="ignore"):
+        e = expf(zm / t - zm.max(axis=0) / t)
+    if count <= 30:
+        total = e[0].copy()
+        for k in range(1, count):
+            total += e[k]
+    else:
+        body = count - count % 4
+        lanes = [np.add.accumulate(e[k:body:4], axis=0, dtype=F32)[-1] for k in range(4)]
+        total = (lanes[0] + lanes[2]) + (lanes[1] + lanes[3])
+        for k in range(body, count):
+            total += e[k]
+    return np.moveaxis((e * (F32(1) / total)).astype(F32), 0, axis)
+
+
+# --------------------------------------------------------------------------------------------
+# Detection heads: in-layer activations and box decoding
+# --------------------------------------------------------------------------------------------
+# Arrays of head entries have the entry axis third from the end: (..., entries, H, W).
+
+def scale_x_y_offset(scale_x_y: float) -> tuple[np.float32, np.float32]:
+    """AlexeyAB's scal_add_cpu(ALPHA=l.scale_x_y, BETA=-0.5*(l.scale_x_y - 1)): the float alpha
+    and beta. l.scale_x_y is a float; `- 1` is float arithmetic (exact for 0.5 <= s <= 2), the
+    product with -0.5 is double, and the argument is rounded back to float."""
+    alpha = F32(scale_x_y)
+    return alpha, F32(-0.5 * F64(alpha - F32(1)))
+
+
+def yolo_activate(o: np.ndarray, flavor: str, scale_x_y: float = 1.0, new_coords: bool = False) -> np.ndarray:
+    """forward_yolo_layer's activations in place on float32 (..., 5+C, H, W): logistic on x, y,
+    objectness and classes (none with new_coords), then AlexeyAB's x*s + beta on x, y."""
+    if flavor == "pjreddie":
+        o[..., 0:2, :, :] = logistic_darknet(o[..., 0:2, :, :])
+        o[..., 4:, :, :] = logistic_darknet(o[..., 4:, :, :])
+        return o
+    if not new_coords:
+        o[..., 0:2, :, :] = logistic_alexeyab(o[..., 0:2, :, :])
+        o[..., 4:, :, :] = logistic_alexeyab(o[..., 4:, :, :])
+    alpha, beta = scale_x_y_offset(scale_x_y)   # the CPU build applies it even for s = 1
+    o[..., 0:2, :, :] = o[..., 0:2, :, :] * alpha + beta
+    return o
+
+
+def region_activate(o: np.ndarray, coords: int, classes: int, background: bool, softmax: bool) -> np.ndarray:
+    """forward_region_layer's activations in place on float32 (..., coords+1+C, H, W): logistic
+    x, y and objectness (unless background), then softmax or logistic over the classes."""
+    o[..., 0:2, :, :] = logistic_darknet(o[..., 0:2, :, :])
+    if not background:
+        o[..., coords, :, :] = logistic_darknet(o[..., coords, :, :])
+    if softmax:
+        start = coords + (0 if background else 1)
+        o[..., start:coords + 1 + classes, :, :] = softmax_darknet(o[..., start:coords + 1 + classes, :, :], axis=-3)
+    else:
+        o[..., coords + 1:, :, :] = logistic_darknet(o[..., coords + 1:, :, :])
+    return o
+
+
+def yolo_box(ox, oy, ow, oh, i, j, lw: int, lh: int, anchor_w, anchor_h, net_w: int, net_h: int,
+             new_coords: bool = False) -> Box:
+    """get_yolo_box (and get_region_box with net = the grid size, anchors in cells).
+
+    x, y in float; w, h as (double)exp(o)*anchor/net in double, rounded once; with new_coords
+    (AlexeyAB) o*o*4*anchor/net in float, left to right.
+    """
+    x = (np.asarray(i, dtype=F32) + ox) / F32(lw)
+    y = (np.asarray(j, dtype=F32) + oy) / F32(lh)
+    if new_coords:
+        w = ow * ow * F32(4) * np.asarray(anchor_w, dtype=F32) / F32(net_w)
+        h = oh * oh * F32(4) * np.asarray(anchor_h, dtype=F32) / F32(net_h)
+    else:
+        with np.errstate(over="ignore"):
+            w = (np.exp(np.asarray(ow, dtype=F32).astype(F64)) * np.asarray(anchor_w, dtype=F32).astype(F64)
+                 / F64(net_w)).astype(F32)
+            h = (np.exp(np.asarray(oh, dtype=F32).astype(F64)) * np.asarray(anchor_h, dtype=F32).astype(F64)
+                 / F64(net_h)).astype(F32)
+    return Box(np.asarray(x, F32), np.asarray(y, F32), np.asarray(w, F32), np.asarray(h, F32))
 
 
 # --------------------------------------------------------------------------------------------
