@@ -4,14 +4,14 @@ Why exact: a model trained or fine-tuned in Caffe must ship to Darknet without a
 and the round trip `export(convert(w))` must give back `w` byte for byte, so any difference a
 user sees is training, never the tooling.
 
-How the Caffe blobs map back (the naming convention of d2c/layers/*.py, `layer{index:03d}_*`):
-- [convolutional]  `_conv` Convolution: [weights, biases] without BN or when BN was folded,
-  [weights] with BN; BN statistics in `_bn` (stock BatchNorm) or `_dbn` (the exact
-  DarknetBatchNorm Python layer), gamma/beta in `_scale`.
-- [connected]      `_fc` InnerProduct, then the same BN layers as [convolutional].
-- [batchnorm]      `_batchnorm` BatchNorm (deploy) or `_bn`/`_dbn` (train), `_scale`.
-- [local]          one `_yYYxXX_fc` InnerProduct per output cell.
-Every other layer type carries no Darknet parameters (its fixed helper blobs are not exported).
+How the Caffe blobs map back is each converter's `export` (d2c/layers/*.py, the naming
+convention `layer{index:03d}_*` is theirs); this module gives them a ModelReader with checked
+access to the caffemodel's layers and the shared read-backs:
+- `weighted`: a main layer ([convolutional] `_conv`, [connected] `_fc`) with [weights, biases]
+  without BN or when BN was folded, [weights] with BN; BN statistics in `_bn` (stock
+  BatchNorm) or `_dbn` (the exact DarknetBatchNorm Python layer), gamma/beta in `_scale`;
+- `batchnorm`: [batchnorm]'s `_batchnorm` BatchNorm (deploy) or `_bn`/`_dbn` (train), `_scale`.
+Layer types without Darknet parameters export nothing (fixed helper blobs are not exported).
 
 BatchNorm statistics, by the form the model stores them in:
 - `_dbn` (exact training layer): raw Darknet rolling mean and variance; copied.
@@ -52,7 +52,8 @@ from d2c.darknet.graph import Graph, build_graph
 from d2c.darknet.weights import WeightsHeader, write_weights
 from d2c.errors import D2CError, WeightsError
 from d2c.fsutil import atomic_write_text
-from d2c.layers.base import Node
+from d2c.darknet.node import Node
+from d2c.layers import REGISTRY
 from d2c.layers.convolutional import ALEXEYAB_EPS_INSIDE, CAFFE_TINY_EPS, PJREDDIE_EPS_OUTSIDE, caffe_bn_blobs
 
 F32 = np.float32
@@ -229,11 +230,16 @@ class ExportedArrays:
     notes: list[str] = field(default_factory=list)
 
 
-class _Model:
-    """The caffemodel's layers by name, with checked access that names the Darknet layer."""
+class ModelReader:
+    """The caffemodel's layers by name, with checked access that names the Darknet layer, and the
+    read-backs several converters share (what converters' `export` methods are given)."""
 
-    def __init__(self, layers: list[CaffeLayer], where: str) -> None:
+    def __init__(self, layers: list[CaffeLayer], where: str, flavor: str, out: ExportedArrays,
+                 overrides: dict[str, list[list[int]]]) -> None:
         self.where = where
+        self.flavor = flavor
+        self.out = out
+        self.overrides = overrides
         self.layers: dict[str, CaffeLayer] = {}
         for layer in layers:
             if layer.name not in self.layers or layer.blobs:
@@ -270,12 +276,20 @@ class _Model:
                                f"{list(arr.shape)}, {node.where} needs {list(shape)}")
         return arr.reshape(shape)
 
+    def weighted(self, node: Node, suffix: str, caffe_type: str) -> LayerArrays:
+        """[convolutional] and [connected]: main layer, then BN (+ Scale), or folded."""
+        return _export_weighted(self, node, self.flavor, self.out, self.overrides, suffix, caffe_type)
+
+    def batchnorm(self, node: Node) -> LayerArrays:
+        """[batchnorm]: BatchNorm (deploy `_batchnorm`, train `_bn`/`_dbn`) + Scale."""
+        return _export_batchnorm(self, node, self.flavor, self.out, self.overrides)
+
 
 def _bn_param(layer: CaffeLayer) -> dict[str, Any]:
     return dict(layer.params.get("batch_norm_param") or {})
 
 
-def _read_bn(model: _Model, node: Node, n: int, flavor: str, out: ExportedArrays,
+def _read_bn(model: ModelReader, node: Node, n: int, flavor: str, out: ExportedArrays,
              overrides: dict[str, list[list[int]]], bn_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
     """(rolling_mean, rolling_variance) from whichever BN form the model holds, or None if absent."""
     dbn = model.get(f"{node.prefix}_dbn")
@@ -316,12 +330,12 @@ def _read_bn(model: _Model, node: Node, n: int, flavor: str, out: ExportedArrays
     return mean, var
 
 
-def _read_scale(model: _Model, node: Node, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_scale(model: ModelReader, node: Node, n: int) -> tuple[np.ndarray, np.ndarray]:
     scale = model.require(node, f"{node.prefix}_scale", ("Scale",), "BN gamma/beta")
     return model.blob(node, scale, 0, (n,), "scales"), model.blob(node, scale, 1, (n,), "biases")
 
 
-def _export_weighted(model: _Model, node: Node, flavor: str, out: ExportedArrays,
+def _export_weighted(model: ModelReader, node: Node, flavor: str, out: ExportedArrays,
                      overrides: dict[str, list[list[int]]], suffix: str, caffe_type: str) -> LayerArrays:
     """[convolutional] and [connected]: main layer, then BN (+ Scale), or folded."""
     shapes = {p.name: p.shape for p in node.params}
@@ -342,7 +356,7 @@ def _export_weighted(model: _Model, node: Node, flavor: str, out: ExportedArrays
             "weights": weights}
 
 
-def _export_batchnorm(model: _Model, node: Node, flavor: str, out: ExportedArrays,
+def _export_batchnorm(model: ModelReader, node: Node, flavor: str, out: ExportedArrays,
                       overrides: dict[str, list[list[int]]]) -> LayerArrays:
     n = node.in_shape[0]
     stats = _read_bn(model, node, n, flavor, out, overrides, (f"{node.prefix}_batchnorm", f"{node.prefix}_bn"))
@@ -359,39 +373,15 @@ def _export_batchnorm(model: _Model, node: Node, flavor: str, out: ExportedArray
     return arrays
 
 
-def _export_local(model: _Model, node: Node) -> LayerArrays:
-    shapes = {p.name: p.shape for p in node.params}
-    cells, filters, c, size, _ = shapes["weights"]
-    _, out_h, out_w = shapes["biases"]
-    weights = np.empty((cells, filters, c * size * size), F32)
-    biases = np.empty((filters, cells), F32)
-    for y in range(out_h):
-        for x in range(out_w):
-            j = y * out_w + x
-            fc = model.require(node, f"{node.prefix}_y{y:02d}x{x:02d}_fc", ("InnerProduct",), f"cell ({y}, {x})")
-            weights[j] = model.blob(node, fc, 0, (filters, c * size * size), "cell weights")
-            biases[:, j] = model.blob(node, fc, 1, (filters,), "cell biases")
-    return {"biases": biases.reshape(shapes["biases"]), "weights": weights.reshape(shapes["weights"])}
-
-
 def caffe_to_darknet(graph: Graph, layers: list[CaffeLayer], *, where: str = "caffemodel",
                      overrides: dict[str, list[list[int]]] | None = None) -> ExportedArrays:
     """Every Darknet array of `graph` from a d2c Caffe model's layers (deploy, folded or train)."""
-    model = _Model(layers, where)
-    overrides = overrides or {}
     out = ExportedArrays(arrays={})
+    model = ModelReader(layers, where, graph.flavor, out, overrides or {})
     for node in graph.nodes:
         if not node.params:
             continue
-        if node.kind in ("convolutional", "connected"):
-            suffix, caffe_type = ("_conv", "Convolution") if node.kind == "convolutional" else ("_fc", "InnerProduct")
-            arrays = _export_weighted(model, node, graph.flavor, out, overrides, suffix, caffe_type)
-        elif node.kind == "batchnorm":
-            arrays = _export_batchnorm(model, node, graph.flavor, out, overrides)
-        elif node.kind == "local":
-            arrays = _export_local(model, node)
-        else:
-            raise WeightsError(f"{node.where}: d2c cannot export [{node.kind}] parameters yet")
+        arrays = REGISTRY[node.kind].export(node, model)
         expected = {p.name for p in node.params} if node.index not in out.folded else {"biases", "weights"}
         if set(arrays) != expected:   # a converter changed its arrays without telling export
             raise WeightsError(f"{node.where}: export produced {sorted(arrays)}, expected {sorted(expected)}")
@@ -403,7 +393,7 @@ def caffe_to_darknet(graph: Graph, layers: list[CaffeLayer], *, where: str = "ca
 _PREFIX = re.compile(r"^layer(\d{3,})_")
 
 
-def _check_extra_layers(model: _Model, graph: Graph) -> None:
+def _check_extra_layers(model: ModelReader, graph: Graph) -> None:
     """A caffemodel with parameter layers past the cfg's last layer belongs to another cfg."""
     count = len(graph.nodes)
     extra = []

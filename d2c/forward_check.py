@@ -19,7 +19,7 @@ from d2c.convert import Conversion, build_conversion
 from d2c.darknet.cfg import parse_cfg
 from d2c.darknet.graph import Graph, build_graph
 from d2c.darknet.weights import WeightsHeader, random_weights, read_weights, write_weights
-from d2c.layers import Node
+from d2c.darknet.node import Node
 
 
 @dataclass

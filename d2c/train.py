@@ -179,30 +179,13 @@ def override_net_keys(text: str, overrides: dict[str, str]) -> str:
 
 
 def darknet_init(graph: Any, seed: int, start: int = 0) -> dict[int, dict[str, np.ndarray]]:
-    """Darknet-like initial arrays for every layer with index >= start (see the module docstring)."""
+    """Darknet-like initial arrays for every layer with index >= start (see the module docstring);
+    each section's converter draws its own (LayerConverter.darknet_init), in cfg order."""
+    from d2c.layers import REGISTRY
+
     rng = np.random.default_rng([seed, 0x5EED])
-    out: dict[int, dict[str, np.ndarray]] = {}
-    for node in graph.nodes:
-        if node.index < start or not node.params:
-            continue
-        arrays: dict[str, np.ndarray] = {}
-        for spec in node.params:
-            if spec.name == "weights":
-                if node.kind == "convolutional":
-                    fan_in = int(np.prod(spec.shape[1:]))          # c/groups * k * k
-                    arr = math.sqrt(2.0 / fan_in) * rng.standard_normal(spec.shape)
-                elif node.kind == "connected":
-                    arr = math.sqrt(2.0 / spec.shape[1]) * rng.uniform(-1, 1, spec.shape)
-                else:                                             # local: sqrt(2/(k*k*c)) * U(-1, 1)
-                    fan_in = int(np.prod(spec.shape[2:]))
-                    arr = math.sqrt(2.0 / fan_in) * rng.uniform(-1, 1, spec.shape)
-            elif spec.name in ("scales", "rolling_variance"):
-                arr = np.ones(spec.shape)
-            else:                                                 # biases, rolling_mean
-                arr = np.zeros(spec.shape)
-            arrays[spec.name] = np.asarray(arr, F32)
-        out[node.index] = arrays
-    return out
+    return {node.index: REGISTRY[node.kind].darknet_init(node, rng)
+            for node in graph.nodes if node.index >= start and node.params}
 
 
 def initial_weights(graph: Any, weights: Path | None, *, load_upto: int | None, seed: int,

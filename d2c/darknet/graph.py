@@ -9,8 +9,9 @@ import math
 from dataclasses import dataclass, field
 
 from d2c.darknet.cfg import COMMON_KEYS, Cfg, Section
+from d2c.darknet.node import Node, Shape
 from d2c.errors import CfgError, D2CError, NeedsAlexeyABError, UnsupportedLayerError
-from d2c.layers.base import Node, Shape
+from d2c.layers import REGISTRY  # imports every converter module
 
 # Refuse absurd networks before allocating anything (issue: resource limits).
 MAX_BLOB_FLOATS = 1 << 31          # one activation blob per image
@@ -147,8 +148,6 @@ def build_graph(cfg: Cfg, flavor: str | None = None, *, continue_on_error: bool 
 
 
 def _build_graph(cfg: Cfg, flavor: str, reason: str, continue_on_error: bool) -> Graph:
-    from d2c.layers import REGISTRY  # imports every converter module
-
     if flavor not in ("pjreddie", "alexeyab"):
         raise D2CError(f"unknown Darknet flavor {flavor!r}; use pjreddie or alexeyab")
     builder = GraphBuilder(cfg, flavor)

@@ -15,6 +15,7 @@ import numpy as np
 from d2c.darknet.graph import Graph
 from d2c.errors import WeightsError
 from d2c.fsutil import atomic_write, input_errors
+from d2c.layers import REGISTRY
 
 
 @dataclass
@@ -84,6 +85,7 @@ def read_weights(path: str | Path, graph: Graph, *, allow_trailing: bool = False
         if upto is not None and node.index >= upto:
             break
         arrays: dict[str, np.ndarray] = {}
+        converter = REGISTRY[node.kind]
         for spec in node.params:
             nbytes = spec.count * 4
             if offset + nbytes > file_size:
@@ -96,10 +98,7 @@ def read_weights(path: str | Path, graph: Graph, *, allow_trailing: bool = False
                     f"({node.section.path}:{node.section.line}) while reading '{spec.name}': "
                     f"{left_in_layer - have} float(s) of this layer missing; the file is "
                     f"{expected - file_size} bytes short of the {expected} this cfg needs")
-            arr = data[offset:offset + nbytes].view("<f4").reshape(spec.shape)
-            if node.kind == "connected" and spec.name == "weights" and header.transpose:
-                arr = np.ascontiguousarray(arr.reshape(spec.shape[1], spec.shape[0]).T)
-            arrays[spec.name] = arr
+            arrays[spec.name] = converter.read_array(node, spec, data[offset:offset + nbytes].view("<f4"), header)
             offset += nbytes
         out[node.index] = arrays
     if upto is None and offset != file_size and not allow_trailing:
@@ -123,8 +122,7 @@ def write_weights(path: str | Path, header: WeightsHeader, graph: Graph,
                 if arr.size != spec.count:
                     raise WeightsError(f"{path}: layer {node.index} '{spec.name}' has {arr.size} floats, "
                                        f"expected {spec.count} {spec.shape}")
-                if node.kind == "connected" and spec.name == "weights" and header.transpose:
-                    arr = arr.reshape(spec.shape).T
+                arr = REGISTRY[node.kind].write_array(node, spec, arr, header)
                 handle.write(np.ascontiguousarray(arr).tobytes())
 
 

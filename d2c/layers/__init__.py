@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from d2c.layers.base import REGISTRY, LayerConverter, Node, ParamArray, Shape, register
+from d2c.darknet.node import Node, ParamArray, Shape
+from d2c.layers.base import REGISTRY, LayerConverter, register
 
 _INFRA = {"base", "common"}
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

@@ -1,68 +1,29 @@
 """The converter contract: one module per Darknet section type, registered by name.
 
 Why a registry: adding a layer type means writing one module that says how Darknet reads the
-section (keys, defaults, output shape, which arrays it has in the .weights file) and how it
-maps onto stock Caffe layers. Nothing else in d2c switches on section types.
+section (keys, defaults, output shape, which arrays it has in the .weights file), how it maps
+onto stock Caffe layers, and, for a section with parameters, the way back (Caffe blobs ->
+Darknet arrays for `d2c export`), Darknet's random init (training from scratch) and any
+non-default .weights layout. Nothing else in d2c switches on section types: export, training
+init and the .weights reader dispatch through REGISTRY, and a section with parameters whose
+converter lacks one of those methods is an error, never a silent guess.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from d2c.darknet.cfg import Section
-from d2c.errors import CfgError, UnsupportedLayerError
+from d2c.darknet.node import Node, ParamArray
+from d2c.errors import CfgError, UnsupportedLayerError, WeightsError
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.caffe.emitter import Emitter
     from d2c.darknet.graph import GraphBuilder
-
-Shape = tuple[int, int, int]  # (channels, height, width) of one image
-
-
-@dataclass(frozen=True)
-class ParamArray:
-    """One float32 array of a layer in .weights order: its name and Darknet shape."""
-
-    name: str
-    shape: tuple[int, ...]
-
-    @property
-    def count(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-
-@dataclass
-class Node:
-    """A Darknet layer after shape inference: what every later stage works from."""
-
-    index: int
-    kind: str
-    section: Section
-    inputs: list[int]          # Darknet indices of the layers it reads; -1 is the network input
-    in_shapes: list[Shape]
-    out_shape: Shape
-    attrs: dict[str, Any] = field(default_factory=dict)
-    params: list[ParamArray] = field(default_factory=list)
-
-    @property
-    def in_shape(self) -> Shape:
-        return self.in_shapes[0]
-
-    @property
-    def prefix(self) -> str:
-        """Caffe name prefix. Zero-padded because Caffe lists net outputs in name order, and the
-        head outputs must come out in cfg order."""
-        return f"layer{self.index:03d}"
-
-    @property
-    def where(self) -> str:
-        return f"layer {self.index} {self.section.where}"
-
-    def param_count(self) -> int:
-        return sum(p.count for p in self.params)
-
+    from d2c.darknet.weights import WeightsHeader
+    from d2c.export import ModelReader
 
 class LayerConverter:
     """Base class. Subclasses set `section` and implement `build` and `emit`."""
@@ -84,6 +45,29 @@ class LayerConverter:
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
         """Add Caffe layers for `node`; set `em.blob_of[node.index]` to the blob holding its output."""
         raise NotImplementedError
+
+    # -- the way back and the other lives of a section with parameters ---------------------------
+    def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
+        """Caffe blobs -> this node's Darknet arrays (`d2c export`), keyed like node.params."""
+        if node.params:
+            raise WeightsError(f"{node.where}: [{self.section}] has parameters but its converter defines no "
+                               f"export; d2c cannot write them back to .weights")
+        return {}
+
+    def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Darknet's random initial arrays (make_*_layer), drawn from `rng` in .weights order."""
+        if node.params:
+            raise UnsupportedLayerError(f"{node.where}: [{self.section}] has parameters but its converter "
+                                        f"defines no Darknet random init; load them from a .weights file")
+        return {}
+
+    def read_array(self, node: Node, spec: ParamArray, stored: np.ndarray, header: WeightsHeader) -> np.ndarray:
+        """One array as the .weights file stores it (flat float32) -> its Darknet shape."""
+        return stored.reshape(spec.shape)
+
+    def write_array(self, node: Node, spec: ParamArray, arr: np.ndarray, header: WeightsHeader) -> np.ndarray:
+        """The inverse of read_array: a Darknet-shaped array in the file's layout."""
+        return arr.reshape(spec.shape)
 
 
 REGISTRY: dict[str, LayerConverter] = {}
@@ -113,6 +97,23 @@ def check_emitted_size(sec: Section, key: str, floats: int = 0, layers: int = 0)
     if layers > MAX_CAFFE_LAYERS_PER_NODE:
         raise UnsupportedLayerError(f"{sec.where_key(key)}: its stock-Caffe form needs {layers:,} Caffe layers; "
                                     f"refusing (limit {MAX_CAFFE_LAYERS_PER_NODE:,})")
+
+
+def darknet_init_arrays(node: Node, weights: Callable[[ParamArray], np.ndarray] | None) -> dict[str, np.ndarray]:
+    """make_*_layer's arrays: `weights(spec)` draws the weights; biases and rolling_mean are 0,
+    scales 1 and rolling_variance 1 (Darknet's 0 would divide by 1e-6 at inference, see d2c.train)."""
+    arrays: dict[str, np.ndarray] = {}
+    for spec in node.params:
+        if spec.name == "weights" and weights is not None:
+            arr = weights(spec)
+        elif spec.name in ("scales", "rolling_variance"):
+            arr = np.ones(spec.shape)
+        elif spec.name in ("biases", "rolling_mean"):
+            arr = np.zeros(spec.shape)
+        else:
+            raise UnsupportedLayerError(f"{node.where}: no Darknet init for array '{spec.name}'")
+        arrays[spec.name] = np.asarray(arr, np.float32)
+    return arrays
 
 
 def positive(sec: Section, key: str, value: int) -> int:

@@ -19,12 +19,14 @@ import numpy as np
 
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
-from d2c.layers.base import LayerConverter, Node, ParamArray, register
+from d2c.darknet.node import ParamArray
+from d2c.layers.base import LayerConverter, Node, darknet_init_arrays, register
 from d2c.layers.common import lr_scale
 from d2c.layers.convolutional import bn_denominator, caffe_bn_blobs, emit_batchnorm
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
+    from d2c.export import ModelReader
 
 
 def batchnorm_params(channels: int, flavor: str) -> list[ParamArray]:
@@ -78,3 +80,10 @@ class Batchnorm(LayerConverter):
             rho = lr_scale(node) if flavor == "alexeyab" else 0.0   # pjreddie never updates this layer
             emit_batchnorm(em, node, top, full, flavor, rho)
         em.blob_of[node.index] = top
+
+    def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
+        return model.batchnorm(node)
+
+    def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """make_batchnorm_layer: constants only (no weights, nothing drawn)."""
+        return darknet_init_arrays(node, None)

@@ -6,21 +6,27 @@ row-major, which is InnerProduct's blob 0. Unlike [convolutional], the BN arrays
 the weights in the .weights file (load_connected_weights): biases, weights, scales,
 rolling_mean, rolling_variance. The output is reshaped to N x out x 1 x 1 so every later
 converter (conv, BN, softmax, route) sees the 4-D blob Darknet's shape inference describes.
+A .weights file whose header major or minor exceeds 1000 stores the matrix inputs x outputs
+(load_connected_weights transposes it on read, save_connected_weights never does).
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
-from d2c.layers.base import LayerConverter, Node, ParamArray, positive, register
+from d2c.darknet.node import ParamArray
+from d2c.layers.base import LayerConverter, Node, darknet_init_arrays, positive, register
 from d2c.layers.common import emit_activation, lr_scale, read_activation
 from d2c.layers.convolutional import emit_batchnorm, fold_batchnorm
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
+    from d2c.darknet.weights import WeightsHeader
+    from d2c.export import ModelReader
 
 
 @register
@@ -71,3 +77,22 @@ class Connected(LayerConverter):
         if a["bn"] and not fold:
             emit_batchnorm(em, node, shaped, arrays, a["flavor"], rho)
         em.blob_of[node.index] = emit_activation(em, node, shaped, a["activation"])
+
+    def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
+        return model.weighted(node, "_fc", "InnerProduct")
+
+    def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """make_connected_layer: weights sqrt(2/inputs) * U(-1, 1)."""
+        def weights(spec: ParamArray) -> np.ndarray:
+            return math.sqrt(2.0 / spec.shape[1]) * rng.uniform(-1, 1, spec.shape)
+        return darknet_init_arrays(node, weights)
+
+    def read_array(self, node: Node, spec: ParamArray, stored: np.ndarray, header: WeightsHeader) -> np.ndarray:
+        if spec.name == "weights" and header.transpose:
+            return np.ascontiguousarray(stored.reshape(spec.shape[1], spec.shape[0]).T)
+        return stored.reshape(spec.shape)
+
+    def write_array(self, node: Node, spec: ParamArray, arr: np.ndarray, header: WeightsHeader) -> np.ndarray:
+        if spec.name == "weights" and header.transpose:
+            return arr.reshape(spec.shape).T
+        return arr.reshape(spec.shape)

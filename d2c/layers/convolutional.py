@@ -7,18 +7,21 @@ AlexeyAB divides by sqrt(var + 1e-5), which is Caffe's own formula with eps = 1e
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
+from d2c.darknet.node import ParamArray
 from d2c.errors import CfgError, UnsupportedLayerError, WeightsError
-from d2c.layers.base import LayerConverter, Node, ParamArray, positive, register
+from d2c.layers.base import LayerConverter, Node, darknet_init_arrays, positive, register
 from d2c.layers.common import emit_activation, lr_scale, read_activation
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
+    from d2c.export import ModelReader
 
 PJREDDIE_EPS_OUTSIDE = 1e-6      # normalize_cpu: sqrt(var) + .000001f
 ALEXEYAB_EPS_INSIDE = 1e-5       # AlexeyAB normalize_cpu: sqrt(var + .00001f)
@@ -136,6 +139,15 @@ class Convolutional(LayerConverter):
                    param=em.learnable(rho, with_bias=False))
             emit_batchnorm(em, node, name, arrays, a["flavor"], rho)
         em.blob_of[node.index] = emit_activation(em, node, name, a["activation"])
+
+    def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
+        return model.weighted(node, "_conv", "Convolution")
+
+    def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """make_convolutional_layer: weights sqrt(2/(c/groups*k*k)) * N(0, 1)."""
+        def weights(spec: ParamArray) -> np.ndarray:
+            return math.sqrt(2.0 / int(np.prod(spec.shape[1:]))) * rng.standard_normal(spec.shape)
+        return darknet_init_arrays(node, weights)
 
 
 def check_variance(node: Node, variance: np.ndarray) -> None:

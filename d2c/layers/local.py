@@ -8,22 +8,27 @@ Crop of the (zero-padded) input, flattened C-major, which is im2col's row order.
   pad (a depthwise 1x1 Convolution of ones with `pad`; exact) -> per location: Crop + InnerProduct
   (W_j, b_j) + Reshape to N x n x 1 x 1 -> Concat along width, then height -> activation.
 Parameters are exactly Darknet's (no replication); layers grow with out_h * out_w (49 in YOLOv1).
+Export reads the cell InnerProducts back into Darknet's (cells, filters, c, k, k) weights and
+(filters, out_h, out_w) biases; the random init is make_local_layer's sqrt(2/(k*k*c)) * U(-1, 1).
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from d2c.caffe.emitter import Emitter
 from d2c.darknet.cfg import Section
+from d2c.darknet.node import ParamArray
 from d2c.errors import CfgError, UnsupportedLayerError
 from d2c.layers.activation import refuse_zeroing_activation
-from d2c.layers.base import LayerConverter, Node, ParamArray, check_emitted_size, positive, register
+from d2c.layers.base import LayerConverter, Node, check_emitted_size, darknet_init_arrays, positive, register
 from d2c.layers.common import emit_activation, lr_scale, read_activation
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
+    from d2c.export import ModelReader
 
 
 def local_out_size(size_in: int, size: int, stride: int, pad: int) -> int:
@@ -127,3 +132,24 @@ class Local(LayerConverter):
             out = f"{base}_local"
             em.add("Concat", out, rows, [out], concat_param={"axis": 2})
         em.blob_of[node.index] = emit_activation(em, node, out, a["activation"])
+
+    def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
+        """One `_yYYxXX_fc` InnerProduct per output cell -> Darknet's per-cell weights and biases."""
+        shapes = {p.name: p.shape for p in node.params}
+        cells, filters, c, size, _ = shapes["weights"]
+        _, out_h, out_w = shapes["biases"]
+        weights = np.empty((cells, filters, c * size * size), np.float32)
+        biases = np.empty((filters, cells), np.float32)
+        for y in range(out_h):
+            for x in range(out_w):
+                j = y * out_w + x
+                fc = model.require(node, f"{node.prefix}_y{y:02d}x{x:02d}_fc", ("InnerProduct",), f"cell ({y}, {x})")
+                weights[j] = model.blob(node, fc, 0, (filters, c * size * size), "cell weights")
+                biases[:, j] = model.blob(node, fc, 1, (filters,), "cell biases")
+        return {"biases": biases.reshape(shapes["biases"]), "weights": weights.reshape(shapes["weights"])}
+
+    def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """make_local_layer: weights sqrt(2/(k*k*c)) * U(-1, 1), biases 0."""
+        def weights(spec: ParamArray) -> np.ndarray:
+            return math.sqrt(2.0 / int(np.prod(spec.shape[2:]))) * rng.uniform(-1, 1, spec.shape)
+        return darknet_init_arrays(node, weights)

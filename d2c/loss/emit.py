@@ -19,7 +19,7 @@ from typing import Any
 from d2c.caffe.emitter import Emitter
 from d2c.errors import D2CError, ParamError, UnsupportedLayerError
 from d2c.head_params import PJREDDIE_YOLO_TRUTHS, REGION_MAX_TRUTHS, head_params, head_params_json, yolo_default
-from d2c.layers.base import Node
+from d2c.darknet.node import Node
 from d2c.loss.params import LOSS_SCHEMA, check_object, dump_params, parse_param_str
 
 LOSS_MODULE = "d2c.loss.caffe_layers"

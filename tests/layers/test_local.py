@@ -58,3 +58,53 @@ def test_inconsistent_pad_refused(make_case):
     with pytest.raises(D2CError) as info:
         make_case(net_header(2, 6, 6) + local_section(2, 5, 1, 1, "linear"))
     assert "[local] 'pad'" in info.value.render()
+
+
+# --------------------------------------------------------------------------------------------
+# The rest of [local]'s life, all in d2c/layers/local.py: export and Darknet's random init
+# --------------------------------------------------------------------------------------------
+
+LOCAL_NET = net_header(2, 5, 4) + local_section(3, 3, 1, 1, "leaky")
+
+
+def _local_graph(tmp_path):
+    from d2c.darknet.cfg import parse_cfg
+    from d2c.darknet.graph import build_graph
+
+    cfg = tmp_path / "local.cfg"
+    cfg.write_text(LOCAL_NET)
+    return build_graph(parse_cfg(cfg))
+
+
+def test_export_reads_every_cell_back_bit_for_bit(tmp_path):
+    """(Train nets, which need a head, round trip in tests/test_export.py's mixed cfg.)"""
+    from d2c.caffe.emitter import ConvertOptions
+    from d2c.convert import build_conversion
+    from d2c.darknet.weights import WeightsHeader, random_weights
+    from d2c.export import caffe_to_darknet
+
+    graph = _local_graph(tmp_path)
+    arrays = random_weights(graph, seed=3)
+    conversion = build_conversion(graph, arrays, WeightsHeader(), ConvertOptions(flavor=graph.flavor))
+    back = caffe_to_darknet(graph, conversion.net.layers).arrays[0]
+    assert sorted(back) == ["biases", "weights"]
+    for name in back:
+        np.testing.assert_array_equal(back[name].view(np.uint32), arrays[0][name].view(np.uint32), err_msg=name)
+    # A missing cell is named, not silently left as garbage.
+    layers = [layer for layer in conversion.net.layers if layer.name != "layer000_y01x02_fc"]
+    with pytest.raises(D2CError, match=r"no Caffe layer 'layer000_y01x02_fc' \(cell \(1, 2\)\)"):
+        caffe_to_darknet(graph, layers)
+
+
+def test_darknet_init_is_make_local_layer(tmp_path):
+    from d2c.train import darknet_init
+
+    graph = _local_graph(tmp_path)
+    arrays = darknet_init(graph, seed=11)[0]
+    np.testing.assert_array_equal(arrays["biases"], 0)
+    weights = arrays["weights"]
+    assert weights.dtype == np.float32 and weights.shape == (5 * 4, 3, 2, 3, 3)
+    bound = np.float32(np.sqrt(2.0 / (3 * 3 * 2)))          # sqrt(2/(k*k*c)) * U(-1, 1)
+    assert np.abs(weights).max() <= bound and np.abs(weights).max() > 0.9 * bound
+    assert abs(float(weights.mean())) < 0.1 * bound           # uniform, not N(0, 1) scaled
+    np.testing.assert_array_equal(darknet_init(graph, seed=11)[0]["weights"], weights)

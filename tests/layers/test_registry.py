@@ -1,13 +1,19 @@
-"""The per-layer tier covers every registered section, and the README support table lists them all."""
+"""The per-layer tier covers every registered section, the README support table lists them all, and
+export, training init and the .weights layout dispatch through the registry."""
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from d2c.layers import REGISTRY
+from d2c.darknet.cfg import parse_cfg
+from d2c.darknet.node import Node, ParamArray
+from d2c.errors import UnsupportedLayerError, WeightsError
+from d2c.layers import REGISTRY, LayerConverter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,3 +34,69 @@ def test_support_table_lists_every_section():
     assert sorted(row.split("`")[1].strip("[]") for row in rows) == sorted(REGISTRY)
     for row in rows:
         assert row.count(" | ") == 4 and "tests/layers/test_" in row
+
+
+# --------------------------------------------------------------------------------------------
+# A section with parameters owns its whole life: export, Darknet's init, .weights layout
+# --------------------------------------------------------------------------------------------
+
+PARAMETER_SECTIONS = {"convolutional", "connected", "batchnorm", "local"}
+
+
+def _overrides(converter: LayerConverter, method: str) -> bool:
+    return getattr(type(converter), method) is not getattr(LayerConverter, method)
+
+
+@pytest.mark.parametrize("section", sorted(REGISTRY))
+def test_sections_with_parameters_define_export_and_init(section):
+    """Every converter that lists arrays has its export and Darknet init; the others inherit the
+    refusing defaults (which return nothing for a node without parameters)."""
+    converter = REGISTRY[section]
+    owns = _overrides(converter, "export"), _overrides(converter, "darknet_init")
+    assert owns == ((True, True) if section in PARAMETER_SECTIONS else (False, False)), section
+
+
+def _fake_graph(monkeypatch) -> SimpleNamespace:
+    """A graph with one node of an unknown-to-d2c section that has parameters."""
+
+    class Fancy(LayerConverter):
+        section = "fancy"
+
+    monkeypatch.setitem(REGISTRY, "fancy", Fancy())
+    sec = parse_cfg("fancy.cfg", "[net]\nwidth=4\nheight=4\nchannels=1\n[fancy]\n").layers[0]
+    node = Node(index=0, kind="fancy", section=sec, inputs=[-1], in_shapes=[(1, 4, 4)], out_shape=(1, 4, 4),
+                params=[ParamArray("weights", (1, 1, 3, 3))])
+    return SimpleNamespace(nodes=[node], flavor="pjreddie")
+
+
+def test_parameters_without_init_are_an_error_not_a_guess(monkeypatch):
+    from d2c.train import darknet_init
+
+    with pytest.raises(UnsupportedLayerError, match=r"\[fancy\] has parameters but its converter defines no "
+                                                    r"Darknet random init"):
+        darknet_init(_fake_graph(monkeypatch), seed=0)
+
+
+def test_parameters_without_export_are_an_error(monkeypatch):
+    from d2c.export import caffe_to_darknet
+
+    with pytest.raises(WeightsError, match=r"\[fancy\] has parameters but its converter defines no export"):
+        caffe_to_darknet(_fake_graph(monkeypatch), [])
+
+
+def test_weights_layout_is_the_converters(monkeypatch, tmp_path):
+    """The .weights reader and writer ask the converter for the stored layout (default: as is)."""
+    from d2c.darknet.weights import WeightsHeader, read_weights, write_weights
+
+    graph = _fake_graph(monkeypatch)
+    weights = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
+    path = tmp_path / "fancy.weights"
+    write_weights(path, WeightsHeader(), graph, {0: {"weights": weights}})
+    np.testing.assert_array_equal(read_weights(path, graph)[1][0]["weights"], weights)
+
+    class Flipped(type(REGISTRY["fancy"])):
+        def read_array(self, node, spec, stored, header):
+            return stored[::-1].reshape(spec.shape)
+
+    monkeypatch.setitem(REGISTRY, "fancy", Flipped())
+    np.testing.assert_array_equal(read_weights(path, graph)[1][0]["weights"].ravel(), np.arange(9)[::-1])
