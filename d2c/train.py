@@ -262,118 +262,6 @@ class BatchSource:
 
 
 # --------------------------------------------------------------------------------------------
-# Plots (OpenCV only: matplotlib is not a dependency)
-# --------------------------------------------------------------------------------------------
-
-def _nice_ticks(lo: float, hi: float, count: int = 6, integer: bool = False) -> list[float]:
-    if not math.isfinite(lo) or not math.isfinite(hi) or hi <= lo:
-        return [lo]
-    raw = (hi - lo) / count
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    if integer:
-        step = max(1, round(step))
-    first = math.ceil(lo / step) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-Curve = tuple[str, list[float], list[float], tuple[int, int, int]]
-
-
-def plot_curves(path: str | Path, curves: list[Curve], *, title: str, xlabel: str = "iteration",
-                ylabel: str = "loss", log_y: bool | None = None, size: tuple[int, int] = (960, 540)) -> None:
-    """Line plot of (label, xs, ys, BGR colour) curves to a PNG, atomically (see render_curves)."""
-    write_png(path, render_curves(curves, title=title, xlabel=xlabel, ylabel=ylabel, log_y=log_y, size=size))
-
-
-def write_png(path: str | Path, img: np.ndarray) -> None:
-    """Encode with OpenCV and replace `path` atomically."""
-    import cv2
-
-    ok, encoded = cv2.imencode(".png", img)
-    if not ok:
-        raise D2CError(f"{path}: OpenCV could not encode the plot")
-    with atomic_write(path) as handle:
-        handle.write(encoded.tobytes())
-
-
-def render_curves(curves: list[Curve], *, title: str, xlabel: str = "iteration", ylabel: str = "loss",
-                  log_y: bool | None = None, size: tuple[int, int] = (960, 540)) -> np.ndarray:
-    """A BGR image of a line plot with axes, ticks and a legend, drawn with OpenCV only.
-
-    `log_y` None: logarithmic when the positive values span more than a factor 30.
-    """
-    import cv2
-
-    width, height = size
-    left, right, top, bottom = 90, 30, 50, 60
-    img = np.full((height, width, 3), 255, np.uint8)
-    finite = [(x, y) for _l, xs, ys, _c in curves for x, y in zip(xs, ys) if math.isfinite(y)]
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    cv2.putText(img, title, (left, 32), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-    if finite:
-        xs_all = [x for x, _ in finite]
-        ys_all = [y for _, y in finite]
-        x0, x1 = min(xs_all), max(xs_all)
-        if x1 == x0:
-            x1 = x0 + 1
-        positive = [y for y in ys_all if y > 0]
-        if log_y is None:
-            log_y = bool(positive) and len(positive) == len(ys_all) and max(positive) / min(positive) > 30
-        if log_y:
-            def ty(v: float) -> float:
-                return math.log10(max(v, 1e-30))
-        else:
-            def ty(v: float) -> float:
-                return v
-        y_lo, y_hi = min(ty(y) for y in ys_all), max(ty(y) for y in ys_all)
-        if y_hi == y_lo:
-            y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
-        pad = 0.05 * (y_hi - y_lo)
-        y_lo, y_hi = y_lo - pad, y_hi + pad
-
-        def px(x: float, y: float) -> tuple[int, int]:
-            u = left + (x - x0) / (x1 - x0) * (width - left - right)
-            v = height - bottom - (ty(y) - y_lo) / (y_hi - y_lo) * (height - top - bottom)
-            return int(round(u)), int(round(v))
-
-        grey = (225, 225, 225)
-        for tick in _nice_ticks(x0, x1, integer=all(float(x).is_integer() for x in xs_all)):
-            u = px(tick, math.pow(10, y_lo) if log_y else y_lo)[0]
-            cv2.line(img, (u, top), (u, height - bottom), grey, 1)
-            label = f"{tick:g}"
-            cv2.putText(img, label, (u - 4 * len(label), height - bottom + 20), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-        for tick in _nice_ticks(y_lo, y_hi):
-            value = math.pow(10, tick) if log_y else tick
-            v = px(x0, value)[1]
-            cv2.line(img, (left, v), (width - right, v), grey, 1)
-            label = f"{value:.3g}"
-            cv2.putText(img, label, (left - 10 - 9 * len(label), v + 5), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.rectangle(img, (left, top), (width - right, height - bottom), (0, 0, 0), 1)
-        for k, (_label, xs, ys, color) in enumerate(curves):   # the first curve wide, so overlaps stay visible
-            pts = [px(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
-            if len(pts) > 1:
-                cv2.polylines(img, [np.array(pts, np.int32)], False, color, 6 if k == 0 and len(curves) > 1 else 2,
-                              cv2.LINE_AA)
-            if len(pts) <= 60:
-                for pt in pts:
-                    cv2.circle(img, pt, 5 if k == 0 and len(curves) > 1 else 3, color, -1, cv2.LINE_AA)
-        legend_w = max(cv2.getTextSize(c[0], font, 0.5, 1)[0][0] for c in curves) + 50
-        for k, (label, _xs, _ys, color) in enumerate(curves):
-            y = top + 20 + 22 * k
-            x = width - right - legend_w
-            cv2.line(img, (x, y - 5), (x + 30, y - 5), color, 3, cv2.LINE_AA)
-            cv2.putText(img, label, (x + 38, y), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(img, xlabel, (left + (width - left - right) // 2 - 30, height - 15), font, 0.5, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-        cv2.putText(img, ylabel + (" (log scale)" if log_y else ""), (10, top - 8), font, 0.5, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    else:
-        cv2.putText(img, "no finite values to plot", (left, height // 2), font, 0.7, (0, 0, 200), 1, cv2.LINE_AA)
-    return img
-
-
-# --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
 
@@ -752,10 +640,12 @@ class Trainer:
             raise self._io_error("the loss plot", exc) from None
 
     def _plot(self, xs: list[int]) -> None:
+        from d2c.plots import plot_curves
+
         plot_curves(self.out / LOSS_PNG,
-                    [("loss", xs, [r["loss"] if r["loss"] is not None else math.nan for r in self.rows], (200, 120, 0)),
+                    [("loss", xs, [r["loss"] if r["loss"] is not None else math.nan for r in self.rows], "tab:blue"),
                      ("avg loss (0.9/0.1)", xs,
-                      [r["avg_loss"] if r["avg_loss"] is not None else math.nan for r in self.rows], (0, 0, 210))],
+                      [r["avg_loss"] if r["avg_loss"] is not None else math.nan for r in self.rows], "tab:red")],
                     title=f"d2c train {self.stem}: b={self.b} S={self.S} bn={self.bn}")
 
     # -- multi-scale ---------------------------------------------------------------------------

@@ -30,9 +30,10 @@ from d2c.errors import D2CError, DatasetError, NumericError
 from d2c.metrics import (CaffeDetector, average_precision, evaluate, iou_xywh, map_on_list,
                          predictions_from_detections)
 from d2c.parity import caffe_arrays
+from d2c.plots import _wants_log, plot_curves, plot_panels
 from d2c.shapes import make_shapes_dataset
 from d2c.train import (LATEST, LOG_CSV, LOG_JSON, LOSS_PNG, TrainOptions, Trainer, darknet_init,
-                       override_net_keys, plot_curves, train)
+                       override_net_keys, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "cfg" / "train_tiny.cfg"
@@ -538,8 +539,13 @@ def test_map_on_the_live_net_and_a_converted_model_agree(reference, dataset, tmp
 
 def test_plot_curves_handles_empty_and_log_scale(tmp_path) -> None:
     import cv2
-    plot_curves(tmp_path / "a.png", [("x", [1, 2, 3], [100.0, 10.0, 0.5], (0, 0, 255))], title="t")
-    plot_curves(tmp_path / "b.png", [("x", [], [], (0, 0, 255))], title="empty")
-    plot_curves(tmp_path / "c.png", [("x", [1], [float("nan")], (0, 0, 255))], title="nan")
-    for name in "abc":
+    plot_curves(tmp_path / "a.png", [("x", [1, 2, 3], [100.0, 10.0, 0.5], "tab:red")], title="t")
+    plot_curves(tmp_path / "b.png", [("x", [], [], "tab:red")], title="empty")
+    plot_curves(tmp_path / "c.png", [("x", [1], [float("nan")], "tab:red")], title="nan")
+    plot_panels(tmp_path / "d.png", [("one", [("x", [1, 2], [1.0, 2.0], "tab:blue")]),
+                                     ("two", [("y", [1, 2], [3.0, float("inf")], "tab:green")])])
+    for name in "abcd":
         assert cv2.imread(str(tmp_path / f"{name}.png")) is not None
+    assert cv2.imread(str(tmp_path / "d.png")).shape[:2] == (2 * 540, 960)   # two panels stacked
+    assert _wants_log([("x", [1, 2, 3], [100.0, 10.0, 0.5], "k")])
+    assert not _wants_log([("x", [1, 2], [1.0, 10.0], "k")]) and not _wants_log([("x", [1, 2], [-1.0, 100.0], "k")])

@@ -41,7 +41,8 @@ from d2c.detect import Engine, detections_to_json, load_model_files  # noqa: E40
 from d2c.errors import D2CError  # noqa: E402
 from d2c.metrics import CaffeDetector, map_on_samples  # noqa: E402
 from d2c.shapes import CLASSES, make_shapes_dataset  # noqa: E402
-from d2c.train import TrainOptions, Trainer, render_curves, write_png  # noqa: E402
+from d2c.plots import plot_panels  # noqa: E402
+from d2c.train import TrainOptions, Trainer  # noqa: E402
 
 CFG = ROOT / "cfg" / "yolov3-tiny-shapes.cfg"
 COCO_WEIGHTS = ROOT / "weights" / "yolov3-tiny.weights"
@@ -259,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             for k, (c, d) in enumerate(zip(run["caffe"], run["darknet"]), start=1):
                 print(f"    {k:3d}: Darknet {d:12.6f}  Caffe {c:12.6f}  rel {abs(c - d) / abs(d):.1e}")
             iterations = list(range(1, run["iterations"] + 1))
-            curves = [("Darknet (libdarknet train_network)", iterations, run["darknet"], (0, 0, 220)),
-                      ("Caffe (d2c train)", iterations, run["caffe"], (200, 130, 0))]
+            curves = [("Darknet (libdarknet train_network)", iterations, run["darknet"], "tab:red"),
+                      ("Caffe (d2c train)", iterations, run["caffe"], "tab:blue")]
             title = (f"from the {'fine-tuned' if label == 'finetuned' else 'fresh-head start'} weights: max rel "
                      f"diff {run['max_rel_diff']:.1e}")
             if label == "start":
@@ -269,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    re-synchronised every step (Caffe gets Darknet's weights, BN statistics, momentum "
                       f"and seen): max relative loss difference {synced['max_rel_diff']:.2e}, max |parameter "
                       f"difference| after a step {synced['max_abs_param_diff']:.2e}", flush=True)
-                curves.append(("Caffe, synced to Darknet each step", iterations, synced["caffe"], (0, 160, 0)))
+                curves.append(("Caffe, synced to Darknet each step", iterations, synced["caffe"], "tab:green"))
                 title += f"; synced per step {synced['max_rel_diff']:.1e}"
-            panels.append(render_curves(curves, title=title, log_y=False))
-        write_png(out / "train_compare.png", np.concatenate(panels, axis=0))
+            panels.append((title, curves))
+        plot_panels(out / "train_compare.png", panels, log_y=False)
         summary["compare"] = compare
         print(f"    plot: {out / 'train_compare.png'}")
     except D2CError as exc:
