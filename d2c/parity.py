@@ -242,7 +242,6 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
     from d2c.convert import build_conversion
     from d2c.darknet.runtime import DarknetProcess
     from d2c.forward_check import compare_outputs
-    from d2c.loss import caffe_layers
     from d2c.solver import DarknetSGD, TrainConfig
 
     start = time.perf_counter()
@@ -345,7 +344,6 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
                         rows.append(row)
                 report.update = {"steps": steps, "max_abs": worst, "stats_max_rel": worst_stats, "arrays": rows,
                                  "seen_darknet": dn.seen(), "seen_caffe": sgd.seen}
-        del caffe_layers  # imported for the Python layers' module state
     report.seconds = time.perf_counter() - start
     return report
 

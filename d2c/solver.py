@@ -336,7 +336,7 @@ class DarknetSGD:
         b = self.cfg.batch
         self.seen += b
         self._feed(net, x, truth)
-        caffe_layers.set_seen(self.seen)
+        caffe_layers.set_seen(net, self.seen)
         net.clear_param_diffs()
         net.forward()
         net.backward()

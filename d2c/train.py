@@ -688,8 +688,9 @@ class Trainer:
 
         totals = {k: 0.0 for k in STAT_KEYS}
         count, no_obj, heads = 0.0, 0.0, 0
+        layers = caffe_layers.loss_layers(self.net)
         for name in self.sgd.loss_blobs:
-            s = caffe_layers.STATS.get(name, {})
+            s = layers[name].stats
             c = float(s.get("count", 0.0))
             if c > 0:
                 for k in STAT_KEYS:

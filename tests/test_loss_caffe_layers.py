@@ -2,7 +2,7 @@
 
 Checked: the bottom diff is exactly -delta/b of the numpy reference (times the loss weight),
 the loss top is exactly sum(delta^2)/(L*b), the statistics registry, the region warm-up driven
-by set_seen, the region backward modes, every error path (bad JSON, unknown keys, wrong
+by set_seen (per net), the region backward modes, every error path (bad JSON, unknown keys, wrong
 shapes, NaN, class ids), and what `convert --train` emits (truth widths, head count L), down to
 the Caffe loss of a two-head net equalling Darknet's own *net->cost / b.
 """
@@ -65,8 +65,10 @@ def loss_net(tmp_path: Path, kind: str, z_shape, truth_width: int, config: dict,
     return path
 
 
-def run(path: Path, z: np.ndarray, truth: np.ndarray):
+def run(path: Path, z: np.ndarray, truth: np.ndarray, seen: int | None = None):
     net = caffe.Net(str(path), caffe.TRAIN)
+    if seen is not None:
+        caffe_layers.set_seen(net, seen)
     net.blobs["z"].data[...] = z
     net.blobs["truth"].data[...] = truth
     out = net.forward()
@@ -91,10 +93,15 @@ def test_yolo_layer_is_minus_delta_over_b_and_loss_is_cost_over_heads_b(tmp_path
     np.testing.assert_array_equal(out["head_loss"], np.array([np.float64(ref.cost) / (heads * b)], F32))
     np.testing.assert_array_equal(net.blobs["z"].diff, yolo_grad(ref, b))
     np.testing.assert_array_equal(net.blobs["z"].diff, (-ref.delta / F32(b)).astype(F32))
-    stats = caffe_layers.last_stats("head_loss")
+    stats = caffe_layers.last_stats(net, "head_loss")
     assert stats["avg_iou"] == ref.stats["avg_iou"] and stats["count"] == ref.stats["count"]
     assert stats["cost"] == float(ref.cost)
-    assert caffe_layers.stats_line("head_loss", 7).startswith("Region 7 Avg IOU: ")
+    assert caffe_layers.stats_line(net, "head_loss", 7).startswith("Region 7 Avg IOU: ")
+    # the statistics live on the layer object: a second net does not see (or clobber) them
+    other = caffe.Net(str(path), caffe.TRAIN)
+    assert caffe_layers.last_stats(net, "head_loss") is stats
+    with pytest.raises(ParamError, match="no statistics for loss layer 'head_loss'"):
+        caffe_layers.last_stats(other, "head_loss")
 
 
 def test_loss_weight_scales_the_gradient(tmp_path):
@@ -116,11 +123,7 @@ def test_region_layer_backward_modes_and_warmup(tmp_path, compat, seen):
     truth = truth_records(2, 30, 5, 2)
     path = loss_net(tmp_path, "region", z.shape, 150, {"name": "r", "kind": "region", "heads": 1,
                                                         "params": REGION_PARAMS, "darknet_compat": compat}, name="r")
-    caffe_layers.set_seen(seen)
-    try:
-        net, out = run(path, z, truth)
-    finally:
-        caffe_layers.set_seen(None)
+    net, out = run(path, z, truth, seen)
     ref = region_loss(z, truth, p, seen)
     np.testing.assert_array_equal(out["r"], np.array([np.float64(ref.cost) / 2], F32))
     np.testing.assert_array_equal(net.blobs["z"].diff, region_grad(ref, 2, "cpu" if compat else "gpu"))
@@ -139,11 +142,14 @@ def test_region_uses_param_seen_until_set_seen_is_called(tmp_path):
     truth = truth_records(1, 30, 8, 2)
     path = loss_net(tmp_path, "region", z.shape, 150, {"name": "r2", "kind": "region", "heads": 1,
                                                         "params": REGION_PARAMS, "seen": 20000}, name="r2")
-    caffe_layers.set_seen(None)
-    _, out = run(path, z, truth)
+    net, out = run(path, z, truth)
     np.testing.assert_array_equal(out["r2"], np.array([region_loss(z, truth, p, 20000).cost], F32))
+    caffe_layers.set_seen(net, 5)
+    np.testing.assert_array_equal(net.forward()["r2"], np.array([region_loss(z, truth, p, 5).cost], F32))
+    caffe_layers.set_seen(net, None)
+    np.testing.assert_array_equal(net.forward()["r2"], out["r2"])
     with pytest.raises(ParamError, match="non-negative"):
-        caffe_layers.set_seen(-1)
+        caffe_layers.set_seen(net, -1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -322,5 +328,5 @@ def test_two_head_caffe_loss_equals_darknet_cost(tmp_path):
         head_costs = [dn.layer_cost(2), dn.layer_cost(6)]
     total = sum(float(v[0]) for v in out.values())
     np.testing.assert_allclose(total * 2, cost, rtol=2e-5)
-    np.testing.assert_allclose([caffe_layers.last_stats("layer002_loss")["cost"],
-                                caffe_layers.last_stats("layer006_loss")["cost"]], head_costs, rtol=2e-5)
+    np.testing.assert_allclose([caffe_layers.last_stats(net, "layer002_loss")["cost"],
+                                caffe_layers.last_stats(net, "layer006_loss")["cost"]], head_costs, rtol=2e-5)

@@ -176,7 +176,7 @@ def hand_training(net, steps: list[list[tuple[np.ndarray, np.ndarray]]]) -> tupl
     for batches in steps:
         for x, truth in batches:
             seen += b
-            caffe_layers.set_seen(seen)
+            caffe_layers.set_seen(net, seen)
             net.blobs["data"].data[...] = x
             net.blobs["truth"].data[...] = truth
             net.clear_param_diffs()

@@ -6,8 +6,7 @@ Why a Python layer: Caffe's BatchNorm normalises with the *biased* batch varianc
 (pjreddie; AlexeyAB `sqrt(var + 1e-5)`), and back-propagates the textbook biased-variance
 formula evaluated with the unbiased variance and eps = 1e-5 *inside* the sqrt, which is not the
 gradient of its own forward. The Caffe layer `DarknetBatchNorm` (defined in
-d2c.loss.caffe_layers so that converting never imports pycaffe; also reachable as
-d2c.loss.bn.DarknetBatchNorm) reproduces both; the stock Scale layer that follows it carries
+d2c.loss.caffe_layers so that converting never imports pycaffe) reproduces both; the stock Scale layer that follows it carries
 gamma/beta, so the Caffe pair equals one Darknet BN block.
 
 AlexeyAB (no runnable engine here): forward sqrt(var + 1e-5) in float, backward first term
@@ -40,7 +39,6 @@ EXACT_SUM_LIMIT: x̂ within 4.8e-7, delta within 1.2e-7 at m = 86528).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -287,15 +285,6 @@ def bn_infer_backward(dy: np.ndarray, rolling_variance: np.ndarray, flavor: str 
     else:
         raise ParamError(f"bn_infer_backward: flavor must be one of {FLAVORS}, got {flavor!r}")
     return (np.asarray(dy, F32).astype(F64) / den).astype(F32)
-
-
-def __getattr__(name: str) -> Any:
-    """`d2c.loss.bn.DarknetBatchNorm` is the Caffe layer class; it lives in caffe_layers so that
-    converting (which imports this module) never needs pycaffe."""
-    if name == "DarknetBatchNorm":
-        from d2c.loss.caffe_layers import DarknetBatchNorm
-        return DarknetBatchNorm
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------

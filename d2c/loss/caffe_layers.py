@@ -12,10 +12,13 @@ never eval) and map Darknet's conventions onto Caffe's (darknet-semantics.md §7
   for [yolo]. [region] uses pjreddie's GPU backward (sigma' on x, y, objectness) by default and
   zeros with `"darknet_compat": true` (the Debian CPU backward propagates nothing);
 - [region] needs Darknet's `seen` (after the mini-batch increment) for its 12800-image prior
-  warm-up: set it with `set_seen()` before each forward (DarknetSGD does), or via param "seen".
+  warm-up: set it with `set_seen(net, seen)` before each forward (DarknetSGD does), or via param
+  "seen".
 
 The last statistics of every loss layer (Darknet's printed Avg IOU, Class, Obj, No Obj, .5R,
-.75R, count, plus cost and loss) are kept in `STATS[layer_name]`.
+.75R, count, plus cost and loss) are the layer's `stats` attribute; `last_stats(net, name)` reads
+them. State lives on the layer objects (pycaffe's `net.layers[i]` is the Python layer itself), so
+two nets in one process never share it.
 """
 from __future__ import annotations
 
@@ -39,23 +42,6 @@ caffe = import_caffe()
 
 F32 = np.float32
 CAFFE_TEST_PHASE = 1
-
-#: layer name -> statistics of its last training forward (read by train/parity)
-STATS: dict[str, dict[str, float]] = {}
-_SEEN: int | None = None
-
-
-def set_seen(seen: int | None) -> None:
-    """Darknet's `*net->seen` after this mini-batch's increment (None: use each layer's param)."""
-    global _SEEN
-    if seen is not None and (isinstance(seen, bool) or not isinstance(seen, (int, np.integer)) or seen < 0):
-        raise ParamError(f"set_seen: seen must be a non-negative integer, got {seen!r}")
-    _SEEN = None if seen is None else int(seen)
-
-
-def get_seen() -> int | None:
-    return _SEEN
-
 
 def _wrap(owner: str, exc: D2CError) -> D2CError:
     """Same error class, message prefixed with the Caffe layer (the reference names the key)."""
@@ -82,6 +68,8 @@ class _DetectionLoss(caffe.Layer):
             raise ParamError(f"{self.owner}: needs bottoms [head input, truth] and one top, "
                              f"got {len(bottom)} bottoms and {len(top)} tops")
         self._result: LossResult | None = None
+        #: Darknet's printed statistics of the last training forward, plus cost and loss
+        self.stats: dict[str, float] = {}
 
     def reshape(self, bottom, top) -> None:
         z_shape = tuple(bottom[0].data.shape)
@@ -119,7 +107,7 @@ class _DetectionLoss(caffe.Layer):
         self._result = result
         loss = F32(np.float64(result.cost) / (self.cfg["heads"] * b))
         top[0].data[0] = loss
-        STATS[self.layer_name] = {**result.stats, "cost": float(result.cost), "loss": float(loss)}
+        self.stats = {**result.stats, "cost": float(result.cost), "loss": float(loss)}
 
     def backward(self, top, propagate_down, bottom) -> None:
         if not propagate_down[0]:
@@ -152,12 +140,14 @@ class RegionLoss(_DetectionLoss):
 
     kind = "region"
     params_type = RegionParams
+    #: Darknet's `*net->seen` for the next forward (set_seen); None: the param_str's "seen"
+    seen: int | None = None
 
     def channels(self) -> int:
         return self.p.num * self.p.entries
 
     def compute(self, z: np.ndarray, truth: np.ndarray) -> LossResult:
-        seen = _SEEN if _SEEN is not None else self.cfg["seen"]
+        seen = self.seen if self.seen is not None else self.cfg["seen"]
         return region_loss(z, truth, self.p, seen)
 
     def gradient(self, result: LossResult, batch: int) -> np.ndarray:
@@ -227,17 +217,33 @@ class DarknetBatchNorm(caffe.Layer):
         bottom[0].diff[...] = bn_backward(dy, x, mean, variance, self.cfg["flavor"])
 
 
-def last_stats(name: str) -> dict[str, float]:
+def loss_layers(net) -> dict[str, _DetectionLoss]:
+    """The detection loss layers of a pycaffe net, by Caffe layer name (the layer objects)."""
+    return {name: layer for name, layer in zip(net._layer_names, net.layers) if isinstance(layer, _DetectionLoss)}
+
+
+def set_seen(net, seen: int | None) -> None:
+    """Darknet's `*net->seen` after this mini-batch's increment, for every [region] loss of `net`
+    (None: each layer's param "seen")."""
+    if seen is not None and (isinstance(seen, bool) or not isinstance(seen, (int, np.integer)) or seen < 0):
+        raise ParamError(f"set_seen: seen must be a non-negative integer, got {seen!r}")
+    for layer in loss_layers(net).values():
+        if isinstance(layer, RegionLoss):
+            layer.seen = None if seen is None else int(seen)
+
+
+def last_stats(net, name: str) -> dict[str, float]:
     """Statistics of a loss layer's last forward (KeyError-free: ParamError naming the layers)."""
-    try:
-        return STATS[name]
-    except KeyError:
-        raise ParamError(f"no statistics for loss layer {name!r}; known: {sorted(STATS)}") from None
+    layers = loss_layers(net)
+    if name not in layers or not layers[name].stats:
+        raise ParamError(f"no statistics for loss layer {name!r}; known: "
+                         f"{sorted(n for n, layer in layers.items() if layer.stats)}")
+    return layers[name].stats
 
 
-def stats_line(name: str, index: int | None = None) -> str:
+def stats_line(net, name: str, index: int | None = None) -> str:
     """Darknet's printed line for a loss layer's last forward (for logs)."""
-    s = last_stats(name)
+    s = last_stats(net, name)
     label = f"Region {index}" if index is not None else f"Region {name}"
     keys = [("Avg IOU", "avg_iou"), ("Class", "class"), ("Obj", "obj"), ("No Obj", "no_obj"),
             (".5R", "recall50"), (".75R", "recall75")]
@@ -245,5 +251,4 @@ def stats_line(name: str, index: int | None = None) -> str:
     return f"{label} " + ", ".join(parts) + f",  count: {int(s.get('count', 0))}"
 
 
-__all__ = ["YoloLoss", "RegionLoss", "DarknetBatchNorm", "STATS", "set_seen", "get_seen",
-           "last_stats", "stats_line"]
+__all__ = ["YoloLoss", "RegionLoss", "DarknetBatchNorm", "loss_layers", "set_seen", "last_stats", "stats_line"]
