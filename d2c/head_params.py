@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from d2c.errors import ParamError
+from d2c.loss.params import Key, check_keys, check_value
 
 FLAVORS = ("pjreddie", "alexeyab")
 IOU_LOSSES = ("mse", "iou", "giou", "diou", "ciou")
@@ -32,97 +33,38 @@ _YOLO_FLAVOR_DEFAULTS: dict[str, dict[str, Any]] = {
 # Strict JSON parameter handling
 # --------------------------------------------------------------------------------------------
 
-def _type_name(value: Any) -> str:
-    return type(value).__name__
-
-
-def _json_int(owner: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ParamError(f"{owner}: key '{key}' expects an integer, got {value!r} ({_type_name(value)})")
-    return value
-
-
-def _json_float(owner: str, key: str, value: Any, *, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ParamError(f"{owner}: key '{key}' expects a number, got {value!r} ({_type_name(value)})")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ParamError(f"{owner}: key '{key}' expects a finite number, got {value!r}")
-    return number
-
-
-def _json_bool(owner: str, key: str, value: Any) -> bool:
-    # cfg flags are 0/1 integers, so accept those as well as JSON booleans.
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise ParamError(f"{owner}: key '{key}' expects true/false (or 0/1), got {value!r} ({_type_name(value)})")
-
-
-def _json_str(owner: str, key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ParamError(f"{owner}: key '{key}' expects a string, got {value!r} ({_type_name(value)})")
-    return value
-
-
-def _json_list(owner: str, key: str, value: Any, item) -> tuple:
+def _json_list(owner: str, key: str, value: Any, kind: str) -> tuple:
     if not isinstance(value, (list, tuple)):
-        raise ParamError(f"{owner}: key '{key}' expects a list, got {value!r} ({_type_name(value)})")
-    return tuple(item(owner, f"{key}[{k}]", v) for k, v in enumerate(value))
+        raise ParamError(f"{owner}: key '{key}' expects a list, got {value!r} ({type(value).__name__})")
+    return tuple(check_value(owner, f"{key}[{k}]", Key(kind), v) for k, v in enumerate(value))
 
 
-def _parse_json_fields(owner: str, obj: Any, spec: dict[str, str], required: set[str]) -> dict[str, Any]:
-    """Check an already-decoded JSON object against {key: kind}; unknown keys are errors."""
-    if not isinstance(obj, dict):
-        raise ParamError(f"{owner}: parameters must be a JSON object, got {_type_name(obj)}")
-    unknown = sorted(k for k in obj if k not in spec)
-    if unknown:
-        raise ParamError(f"{owner}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
-                         f"known keys: {', '.join(sorted(spec))}")
-    missing = sorted(required - set(obj))
-    if missing:
-        raise ParamError(f"{owner}: missing required key(s) {', '.join(repr(k) for k in missing)}")
+#: JSON kinds of the dataclass field annotations below (d2c.loss.params.Key kinds, "kind*" a
+#: list of them, "kind?" also null).
+_JSON_KINDS = {"int": "int", "float": "float", "bool": "bool", "str": "str", "int | None": "int?",
+               "float | None": "float?", "tuple[int, ...]": "int*", "tuple[float, ...]": "float*"}
+
+
+def _from_json_fields(cls: type, owner: str, obj: Any) -> dict[str, Any]:
+    """Check a decoded JSON object against the fields of `cls`: no unknown key, every field without
+    a default present, each value of its field's kind. Returns the checked values."""
+    spec = {f.name: _JSON_KINDS[f.type] for f in fields(cls)}
+    check_keys(obj, spec, [f.name for f in fields(cls) if f.default is MISSING], owner)
     out: dict[str, Any] = {}
     for key, value in obj.items():
         kind = spec[key]
-        if kind == "int":
-            out[key] = _json_int(owner, key, value)
-        elif kind == "float":
-            out[key] = _json_float(owner, key, value)
-        elif kind == "float?":
-            out[key] = _json_float(owner, key, value, allow_none=True)
-        elif kind == "bool":
-            out[key] = _json_bool(owner, key, value)
-        elif kind == "str":
-            out[key] = _json_str(owner, key, value)
-        elif kind == "int*":
-            out[key] = _json_list(owner, key, value, _json_int)
-        elif kind == "float*":
-            out[key] = _json_list(owner, key, value, lambda o, k, v: _json_float(o, k, v))
-        elif kind == "int?":
-            out[key] = None if value is None else _json_int(owner, key, value)
-        else:  # pragma: no cover - spec typo
-            raise AssertionError(kind)
+        if kind.endswith("*"):
+            out[key] = _json_list(owner, key, value, kind[:-1])
+        elif kind.endswith("?") and value is None:
+            out[key] = None
+        else:
+            out[key] = check_value(owner, key, Key(kind.rstrip("?")), value)
     return out
 
 
-
 # --------------------------------------------------------------------------------------------
-# Parameters and result
+# The head parameters
 # --------------------------------------------------------------------------------------------
-
-_YOLO_SPEC = {
-    "classes": "int", "mask": "int*", "anchors": "float*", "net_w": "int", "net_h": "int",
-    "ignore_thresh": "float", "truth_thresh": "float", "max_boxes": "int?", "flavor": "str",
-    "scale_x_y": "float", "new_coords": "bool", "iou_loss": "str", "iou_normalizer": "float?",
-    "obj_normalizer": "float", "cls_normalizer": "float", "iou_thresh": "float",
-    "iou_thresh_kind": "str", "max_delta": "float?", "label_smooth_eps": "float",
-}
-_YOLO_REQUIRED = {"classes", "mask", "anchors", "net_w", "net_h"}
-
 
 @dataclass(frozen=True)
 class YoloParams:
@@ -154,7 +96,7 @@ class YoloParams:
     cls_normalizer: float = 1.0
     iou_thresh: float = 1.0
     iou_thresh_kind: str = "iou"
-    max_delta: float = math.inf
+    max_delta: float | None = math.inf     # None (JSON null): no clipping
     label_smooth_eps: float = 0.0
 
     def __post_init__(self) -> None:
@@ -213,7 +155,7 @@ class YoloParams:
     @classmethod
     def from_json(cls, obj: dict) -> "YoloParams":
         """Build from a decoded JSON object (e.g. a Caffe param_str); strict about keys and types."""
-        kw = _parse_json_fields("[yolo] params", obj, _YOLO_SPEC, _YOLO_REQUIRED)
+        kw = _from_json_fields(cls, "[yolo] params", obj)
         if kw.get("max_delta", 0) is None:
             kw["max_delta"] = math.inf
         return cls(**kw)
@@ -225,16 +167,6 @@ class YoloParams:
         out["anchors"] = list(self.anchors)
         out["max_delta"] = None if math.isinf(self.max_delta) else self.max_delta
         return out
-
-
-
-_REGION_SPEC = {
-    "classes": "int", "coords": "int", "num": "int", "anchors": "float*", "softmax": "bool",
-    "rescore": "bool", "bias_match": "bool", "background": "bool", "thresh": "float",
-    "coord_scale": "float", "object_scale": "float", "noobject_scale": "float", "class_scale": "float",
-    "log": "bool", "sqrt": "bool", "max_boxes": "int",
-}
-_REGION_REQUIRED = {"classes", "num", "anchors"}
 
 
 @dataclass(frozen=True)
@@ -283,7 +215,7 @@ class RegionParams:
     @classmethod
     def from_json(cls, obj: dict) -> "RegionParams":
         """Build from a decoded JSON object; unknown keys and wrong types raise ParamError."""
-        return cls(**_parse_json_fields("[region] params", obj, _REGION_SPEC, _REGION_REQUIRED))
+        return cls(**_from_json_fields(cls, "[region] params", obj))
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -300,6 +300,14 @@ def _box_c(a: Box, b: Box):
     return top, bot, left, right
 
 
+def _box_c_diagonal_sq(a: Box, b: Box):
+    """Squared diagonal c² of the smallest enclosing box (DIoU/CIoU's normaliser)."""
+    top, bot, left, right = _box_c(a, b)
+    w = right - left
+    h = bot - top
+    return w * w + h * h
+
+
 def box_giou(a: Box, b: Box) -> np.ndarray:
     """AlexeyAB `box_giou`: IoU − (C − U)/C, IoU if the enclosing area C is 0."""
     top, bot, left, right = _box_c(a, b)
@@ -313,10 +321,7 @@ def box_giou(a: Box, b: Box) -> np.ndarray:
 
 def box_diou(a: Box, b: Box, exponent: float = 0.6) -> np.ndarray:
     """AlexeyAB `box_diou`: IoU − (ρ²/c²)^0.6 (the printed DIoU; its delta uses exponent 1)."""
-    top, bot, left, right = _box_c(a, b)
-    w = right - left
-    h = bot - top
-    c = w * w + h * h
+    c = _box_c_diagonal_sq(a, b)
     iou = box_iou(a, b, zero_guard=True)
     d = (a.x - b.x) * (a.x - b.x) + (a.y - b.y) * (a.y - b.y)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -335,10 +340,7 @@ def _ar_loss(a: Box, b: Box, dtype) -> np.ndarray:
 
 def box_ciou(a: Box, b: Box) -> np.ndarray:
     """AlexeyAB `box_ciou`: IoU − (ρ²/c² + α·v), α = v/(1 − IoU + v + 1e-6)."""
-    top, bot, left, right = _box_c(a, b)
-    w = right - left
-    h = bot - top
-    c = w * w + h * h
+    c = _box_c_diagonal_sq(a, b)
     iou = box_iou(a, b, zero_guard=True)
     u = (a.x - b.x) * (a.x - b.x) + (a.y - b.y) * (a.y - b.y)
     v = _ar_loss(a, b, iou.dtype)

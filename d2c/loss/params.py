@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,9 @@ def check_value(owner: str, key: str, spec: Key, value: Any) -> Any:
             raise ParamError(f"{owner}: key '{key}' expects an integer, got {value!r} ({_type_name(value)})")
         out: Any = value
     elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamError(f"{owner}: key '{key}' expects a number, got {value!r} ({_type_name(value)})")
+        if not math.isfinite(value):
             raise ParamError(f"{owner}: key '{key}' expects a finite number, got {value!r}")
         out = float(value)
     elif kind == "bool":
@@ -69,10 +72,10 @@ def check_value(owner: str, key: str, spec: Key, value: Any) -> Any:
         elif isinstance(value, int) and value in (0, 1):  # cfg flags are 0/1
             out = bool(value)
         else:
-            raise ParamError(f"{owner}: key '{key}' expects true/false, got {value!r}")
+            raise ParamError(f"{owner}: key '{key}' expects true/false (or 0/1), got {value!r} ({_type_name(value)})")
     elif kind == "str":
         if not isinstance(value, str):
-            raise ParamError(f"{owner}: key '{key}' expects a string, got {value!r}")
+            raise ParamError(f"{owner}: key '{key}' expects a string, got {value!r} ({_type_name(value)})")
         out = value
     elif kind == "choice":
         if value not in spec.choices:
@@ -90,17 +93,24 @@ def check_value(owner: str, key: str, spec: Key, value: Any) -> Any:
     return out
 
 
-def check_object(obj: Any, schema: dict[str, Key], owner: str) -> dict[str, Any]:
-    """Validate a decoded JSON object against `schema`; fill defaults; unknown keys are errors."""
+def check_keys(obj: Any, known: Iterable[str], required: Iterable[str], owner: str) -> dict[str, Any]:
+    """A decoded JSON object with no unknown and no missing keys (ParamError naming them)."""
     if not isinstance(obj, dict):
         raise ParamError(f"{owner}: parameters must be a JSON object, got {_type_name(obj)}")
-    unknown = sorted(k for k in obj if k not in schema)
+    known = set(known)
+    unknown = sorted(k for k in obj if k not in known)
     if unknown:
         raise ParamError(f"{owner}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
-                         f"known keys: {', '.join(sorted(schema))}")
-    missing = sorted(k for k, spec in schema.items() if spec.required and k not in obj)
+                         f"known keys: {', '.join(sorted(known))}")
+    missing = sorted(k for k in required if k not in obj)
     if missing:
         raise ParamError(f"{owner}: missing required key(s) {', '.join(repr(k) for k in missing)}")
+    return obj
+
+
+def check_object(obj: Any, schema: dict[str, Key], owner: str) -> dict[str, Any]:
+    """Validate a decoded JSON object against `schema`; fill defaults; unknown keys are errors."""
+    check_keys(obj, schema, [k for k, spec in schema.items() if spec.required], owner)
     out: dict[str, Any] = {}
     for key, spec in schema.items():
         if key in obj:
