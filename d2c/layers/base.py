@@ -25,8 +25,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.weights import WeightsHeader
     from d2c.export import ModelReader
 
+
 class LayerConverter:
-    """Base class. Subclasses set `section` and implement `build` and `emit`."""
+    """Base class. Subclasses set `section` and implement `build` and `emit`; a section with
+    parameters also implements `export` and `darknet_init` (and read_array/write_array when the
+    .weights file stores an array in another layout)."""
 
     section: ClassVar[str] = ""
     #: keys the section understands beyond COMMON_KEYS; anything else is reported as unknown
