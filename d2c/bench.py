@@ -538,14 +538,14 @@ def measure_train(cfg: Path, weights: Path, work: Path, opts: BenchOptions) -> d
 
 def random_truth(rng: np.random.Generator, graph: Any, batch: int) -> np.ndarray:
     """Darknet truth records (x, y, w, h, class) per image, zero-padded to the net's box count."""
-    from d2c.head_params import PJREDDIE_YOLO_TRUTHS, REGION_MAX_TRUTHS
+    from d2c.head_params import PJREDDIE_YOLO_TRUTHS, REGION_MAX_TRUTHS, yolo_default
 
     heads = graph.heads()
     if not heads:
         raise ParamError("training needs a [yolo] or [region] head")
     boxes = REGION_MAX_TRUTHS if heads[-1].kind == "region" else PJREDDIE_YOLO_TRUTHS
     if graph.flavor != "pjreddie" and heads[-1].kind == "yolo":
-        boxes = max(int(h.attrs.get("max_boxes") or 200) for h in heads)
+        boxes = max(int(h.attrs.get("max_boxes") or yolo_default("max_boxes", graph.flavor)) for h in heads)
     classes = max(1, int(heads[-1].attrs.get("classes") or 1))
     truth = np.zeros((batch, boxes, 5), np.float32)
     k = min(BOXES_PER_IMAGE, boxes)
