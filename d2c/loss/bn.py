@@ -1,19 +1,19 @@
 """Darknet's batch normalisation in training, as a numpy reference and a Caffe Python layer.
 
 Why a Python layer: Caffe's BatchNorm normalises with the *biased* batch variance and
-`sqrt(var + eps)`, and back-propagates its own exact gradient. Darknet (darknet-semantics.md
-§3.3, §5.3, §7.4 item 1) normalises with the *unbiased* variance and `sqrt(var) + 1e-6`
-(pjreddie; AlexeyAB `sqrt(var + 1e-5)`), and back-propagates the textbook biased-variance
+`sqrt(var + eps)`, and back-propagates its own exact gradient. Darknet (src/batchnorm_layer.c
+and src/blas.c) normalises with the *unbiased* variance and `sqrt(var) + 1e-6` (pjreddie;
+AlexeyAB `sqrt(var + 1e-5)`), and back-propagates the textbook biased-variance
 formula evaluated with the unbiased variance and eps = 1e-5 *inside* the sqrt, which is not the
 gradient of its own forward. The Caffe layer `DarknetBatchNorm` (defined in
-d2c.loss.caffe_layers so that converting never imports pycaffe) reproduces both; the stock Scale layer that follows it carries
-gamma/beta, so the Caffe pair equals one Darknet BN block.
+d2c.loss.caffe_layers so that converting never imports pycaffe) reproduces both; the stock
+Scale layer that follows it carries gamma/beta, so the Caffe pair equals one Darknet BN block.
 
 AlexeyAB (no runnable engine here): forward sqrt(var + 1e-5) in float, backward first term
 dy/(sqrt(var) + 1e-5). Its CPU build uses a 0.9/0.1 rolling factor, its GPU build 0.99/0.01;
 the layer defaults to 0.99 for both flavors (param "momentum" changes it).
 
-Float fidelity (semantics §0.1 items 4-5, Debian -Ofast build):
+Float fidelity (the Debian -Ofast build):
 - batch mean: sequential float sum in (image, spatial) order, times (float)(1/m). numpy's
   float32 cumsum is that exact sequential loop, so the mean is bit-exact and fast. All sums and
   per-element formulas run on cache-sized (C, k) blocks in that order (same bits, ~2x faster on a

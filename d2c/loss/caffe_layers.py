@@ -2,7 +2,7 @@
 
 Why thin: every number comes from d2c.loss.yolo / region / bn, which are tested against the real
 Darknet; these classes only check blobs, parse the JSON param_str (d2c.loss.params schemas,
-never eval) and map Darknet's conventions onto Caffe's (darknet-semantics.md §7.2, §7.3):
+never eval) and map Darknet's conventions (train_network, backward_network) onto Caffe's:
 
 - loss top = sum(delta^2) / (L*b) with L detection heads and b images: the loss tops of one
   pass add up to Darknet's err/b (err = mean over heads of sum(delta^2)), so Caffe's reported

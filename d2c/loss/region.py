@@ -1,8 +1,9 @@
 """Darknet-exact numpy reference of the YOLOv2 [region] layer: output, deltas, cost, statistics.
 
 Why: the Caffe side of a YOLOv2 port needs Darknet's l.delta and l.cost for parity and
-training. Semantics: /work/shared/darknet-semantics.md §3.6 and §4.3 (pjreddie 61c9d02e, the
-Debian CPU build), the tree/yolo9000 branch and coords > 4 (masks) excluded. Float details read
+training. Semantics: pjreddie's src/region_layer.c, forward_region_layer and delta_region_box /
+delta_region_class (61c9d02e, the Debian CPU build), the tree/yolo9000 branch and coords > 4
+(masks) excluded. Float details read
 from the Debian binary's disassembly and verified against it in tests/test_loss_region.py:
 - the prior warm-up target box is x = (float)((i + 0.5)·(1.0/W)) in double and
   w = anchor_w·(1.0f/W) in float (reciprocal multiplies, not divisions); bias_match likewise

@@ -3,9 +3,10 @@
 Why: the Caffe training layer and `d2c parity` need Darknet's l.delta, l.cost and printed
 statistics bit for bit, including its quirks (assignment of box targets, the class-0 "already
 set" test, the anchor search over all anchors, truth lists that end at the first x == 0).
-Semantics: /work/shared/darknet-semantics.md §3.5, §4.1, §4.2 (pjreddie, the Debian binary)
-and §4.4 (AlexeyAB). Float details that the semantics note does not spell out were read from
-the Debian binary's disassembly and are verified against it in tests/test_loss_yolo.py:
+Semantics: src/yolo_layer.c, forward_yolo_layer with delta_yolo_box / delta_yolo_class, of
+pjreddie's Darknet (the Debian binary) and of AlexeyAB's. Float details the C source leaves to
+the compiler were read from the Debian binary's disassembly and are verified against it in
+tests/test_loss_yolo.py:
 - the anchor search uses `anchor_w * (1.0f/net_w)` (-Ofast turned the division into a
   reciprocal multiply), not `anchor_w / net_w`;
 - the `log` of the w/h targets is glibc's float `logf`, not double `log`.
