@@ -28,7 +28,7 @@ import numpy as np
 
 from d2c import numerics
 from d2c.errors import D2CError, DatasetError, EngineError
-from d2c.head_params import RegionParams, YoloParams, head_params
+from d2c.head_params import RegionParams, YoloParams, decode_params
 from d2c.image import letterbox, letterbox_size, load_image_rgb
 from d2c.numerics import region_activate, yolo_activate, yolo_box
 
@@ -182,7 +182,7 @@ def decode_heads(outputs: dict[str, np.ndarray], sidecar: dict[str, Any], im_w: 
             raise D2CError(f"cannot decode a '{head['kind']}' head")
         if head.get("tree") or head.get("map"):
             raise D2CError("hierarchical (YOLO9000) region heads are not supported by d2c detect")
-        p = head_params(head["kind"], head, net_w, net_h, "alexeyab" if alexeyab else "pjreddie")
+        p = decode_params(head["kind"], head, net_w, net_h, "alexeyab" if alexeyab else "pjreddie")
         if head["kind"] == "yolo":
             batch = _decode_yolo(raw, p, thresh32)
         else:

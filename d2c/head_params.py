@@ -268,3 +268,17 @@ def head_params(kind: str, attrs: dict[str, Any], net_w: int, net_h: int, flavor
     """Checked YoloParams/RegionParams from a head's recorded attributes (node attrs or sidecar)."""
     obj = head_params_json(kind, attrs, net_w, net_h, flavor)
     return YoloParams.from_json(obj) if kind == "yolo" else RegionParams.from_json(obj)
+
+
+#: What decoding reads of a head (get_yolo_detections / get_region_detections); the loss keys
+#: are left out so a sidecar is decoded whatever its training options say.
+_DECODE_KEYS = {"yolo": ("classes", "mask", "anchors", "scale_x_y", "new_coords"),
+                "region": ("classes", "coords", "num", "anchors", "softmax", "background")}
+_ALEXEYAB_DECODE_KEYS = ("scale_x_y", "new_coords")
+
+
+def decode_params(kind: str, attrs: dict[str, Any], net_w: int, net_h: int, flavor: str) -> YoloParams | RegionParams:
+    """The params `d2c detect` decodes a head with: only the decoding keys, and for pjreddie
+    without AlexeyAB's scale_x_y/new_coords (pjreddie's parse_yolo never reads them)."""
+    keep = [k for k in _DECODE_KEYS[kind] if not (flavor == "pjreddie" and k in _ALEXEYAB_DECODE_KEYS)]
+    return head_params(kind, {k: attrs[k] for k in keep if k in attrs}, net_w, net_h, flavor)

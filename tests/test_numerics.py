@@ -139,3 +139,17 @@ def test_box_iou_darknet_order() -> None:
     assert iou.dtype == F32
     assert_array_equal(iou[:2], [1.0, 0.0])
     assert abs(float(iou[2]) - 0.5) < 1e-6
+
+
+def test_pjreddie_decode_ignores_alexeyab_keys_as_pjreddie_does() -> None:
+    """A cfg forced to pjreddie may carry scale_x_y: pjreddie's parse_yolo never reads it."""
+    z = np.random.default_rng(1).normal(0, 2, (1, 7, 3, 3)).astype(F32)
+    head = {"index": 1, "kind": "yolo", "blob": "head", "shape": [7, 3, 3], "classes": 2, "mask": [0],
+            "anchors": [10.0, 14.0], "num": 1, "scale_x_y": 1.2, "new_coords": 0, "iou_loss": "ciou"}
+    plain = dict(head, scale_x_y=1.0)
+    dets = decode_heads({"head": z}, _sidecar("pjreddie", (96, 96), head), 96, 96, thresh=0.0)
+    same = decode_heads({"head": z}, _sidecar("pjreddie", (96, 96), plain), 96, 96, thresh=0.0)
+    assert len(dets) == 9
+    assert_array_equal(np.stack([d.bbox for d in dets]), np.stack([d.bbox for d in same]))
+    scaled = decode_heads({"head": z}, _sidecar("alexeyab", (96, 96), head), 96, 96, thresh=0.0)
+    assert not np.array_equal(np.stack([d.bbox for d in dets]), np.stack([d.bbox for d in scaled]))
