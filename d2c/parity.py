@@ -441,3 +441,9 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(args.json, json.dumps(report.to_json(), indent=1, default=float) + "\n")
         print(f"  wrote {args.json}")
     return 0 if report.ok else 1
+
+
+# `d2c.parity(cfg, weights, **opts)` calls run_parity() (the package API, see d2c.api).
+from d2c.api import callable_module  # noqa: E402
+
+callable_module(__name__, "run_parity")
