@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from d2c.caffe.emitter import DEPLOY, TRAIN, ConvertOptions
-from d2c.darknet.cfg import parse_cfg
+from d2c.darknet.cfg import parse_cfg, read_cfg_text
 from d2c.darknet.graph import Graph, build_graph
 from d2c.darknet.weights import WeightsHeader, random_weights, read_weights, write_weights
 from d2c.errors import D2CError, DatasetError
@@ -88,7 +88,7 @@ def training_cfg(cfg_path: str | Path, directory: Path, batch: int, subdivisions
     if size is not None:
         keys.update(width=str(size[0]), height=str(size[1]))
     out, in_net, seen = [], False, set()
-    for line in Path(cfg_path).read_text().split("\n"):
+    for line in read_cfg_text(cfg_path).split("\n"):
         stripped = "".join(line.split())
         if stripped.startswith("["):
             if in_net:
