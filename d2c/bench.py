@@ -151,6 +151,9 @@ def models_from_args(args: argparse.Namespace) -> list[ModelSpec]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json_out:
+        from d2c.fsutil import check_output_file
+        check_output_file(args.json_out, "--json")
     opts = options_from_args(args)
     models = models_from_args(args)
     with _workdir(args.workdir) as work:

@@ -408,24 +408,28 @@ def format_report(report: ParityReport) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cfg")
+    p.add_argument("cfg", help="Darknet .cfg with [yolo] or [region] heads")
     p.add_argument("weights", nargs="?", help=".weights (default: seeded well-conditioned random weights)")
     p.add_argument("--images", nargs="+", type=Path, help="images (default: Darknet's sample images)")
     p.add_argument("--truth", type=Path, help="JSON list per image of [x, y, w, h, class] boxes")
     p.add_argument("--batch", type=int, default=2, help="mini-batch b (default 2)")
-    p.add_argument("--subdivisions", type=int, default=1)
+    p.add_argument("--subdivisions", type=int, default=1, help="mini-batches per SGD step (default 1)")
     p.add_argument("--steps", type=int, default=1, help="SGD steps to compare (0: forward, loss, gradient only)")
-    p.add_argument("--bn", choices=["exact", "stock", "frozen"], default="exact")
+    p.add_argument("--bn", choices=["exact", "stock", "frozen"], default="exact",
+                   help="Caffe-side BatchNorm: exact Darknet (Python layer), stock Caffe, or frozen statistics")
     p.add_argument("--no-darknet-compat", dest="darknet_compat", action="store_false",
                    help="do not emulate Debian Darknet's CPU gradient defects on the Caffe side")
     p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), help="override the [net] input size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and truth boxes (default 0)")
     p.add_argument("--set", dest="net_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [net] key in both engines, e.g. --set burn_in=0 --set learning_rate=0.01")
     p.add_argument("--json", type=Path, help="write the full report as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        from d2c.fsutil import check_output_file
+        check_output_file(args.json, "--json")
     overrides = {}
     for item in args.net_overrides:
         key, sep, value = item.partition("=")
