@@ -648,8 +648,12 @@ def test_class_names(tmp_path) -> None:
     assert class_names(20)[11] == "dog"
     assert class_names(3) == ["0", "1", "2"]
     custom = tmp_path / "n.names"
-    custom.write_text("cat\nbird\n")
-    assert class_names(3, custom) == ["cat", "bird", "2"]
+    custom.write_text("cat\nbird\n\ndog\n")
+    assert class_names(3, custom) == ["cat", "bird", "dog"]
+    assert class_names(3, None, ["x", "y", "z"]) == ["x", "y", "z"]       # recorded at convert time
+    for wrong in (2, 4):   # Darknet would mislabel (or read past its names array): refuse
+        with pytest.raises(DatasetError, match=f"3 class name\\(s\\) but the model has {wrong} classes"):
+            class_names(wrong, custom)
     with pytest.raises(DatasetError, match="missing.names"):
         class_names(3, tmp_path / "missing.names")
 
