@@ -616,7 +616,7 @@ def test_cli_missing_image_exit_2(tiny_model, tmp_path, capsys) -> None:
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and "nope.jpg" in lines[0] and "not found" in lines[0]
+    assert len(lines) == 1 and "nope.jpg" in lines[0] and "no such image" in lines[0]
 
 
 def test_cli_bad_model_exit_2(tmp_path, capsys) -> None:
