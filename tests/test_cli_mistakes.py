@@ -192,3 +192,34 @@ def test_every_option_has_help() -> None:
                if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()]
     assert missing == []
     assert "hierarchical" in subparsers["detect"].format_help()
+
+
+def test_train_trailing_hint_names_load_upto(env) -> None:
+    """`d2c train` has no --allow-trailing; its fix for a longer (pretrained) file is --load-upto."""
+    from d2c.train import initial_weights
+    graph = build_graph(parse_cfg(env["good.cfg"]))
+    with pytest.raises(D2CError, match="--load-upto L") as exc:
+        initial_weights(graph, env["long.weights"], load_upto=None, seed=0, clear=False)
+    assert "--allow-trailing" not in str(exc.value)
+
+
+def test_convert_notes_for_yolov1_and_classifiers(env, capsys) -> None:
+    assert main(["convert", str(env["yolov1.cfg"]), "-o", str(env["dir"] / "v1")]) == 0
+    captured = capsys.readouterr()
+    assert "YOLOv1 [detection] head" in captured.err and "does not decode" in captured.err
+    assert main(["convert", str(env["classifier.cfg"]), "-o", str(env["dir"] / "cls")]) == 0
+    out = capsys.readouterr().out
+    outputs_line = next(line for line in out.splitlines() if "outputs" in line)
+    assert outputs_line.split(":", 1)[1].strip(), "no empty outputs line"
+    assert "classifier" in outputs_line
+
+
+def test_every_problem_in_one_pass(env) -> None:
+    """resnet-style: the [cost] and the strided [shortcut] in one error, each with its line."""
+    from d2c.errors import UnsupportedLayerError
+    with pytest.raises(UnsupportedLayerError) as exc:
+        d2c.convert(env["strided.cfg"], None, env["dir"] / "o")
+    problems = exc.value.problems
+    assert len(problems) == 2
+    assert problems[0].endswith("[cost] (layer 4)") and "strided.cfg:24:" in problems[0]
+    assert "strided.cfg:18 [shortcut] 'from'" in problems[1] and "strided shortcuts" in problems[1]
