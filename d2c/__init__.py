@@ -29,7 +29,7 @@ the details); nothing is written unless a conversion succeeds.
 """
 from __future__ import annotations
 
-import importlib
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -40,8 +40,12 @@ from d2c.errors import D2CError  # noqa: E402
 
 def __getattr__(name: str) -> Any:
     """Load the API lazily: `import d2c` stays cheap for the CLI and for every submodule."""
-    if name in ("convert", "parity"):
-        return importlib.import_module(f"d2c.{name}")   # a callable module, see d2c.api
+    if name == "convert":
+        import d2c.convert   # binds the package attribute to the (callable, see d2c.api) module
+        return sys.modules["d2c.convert"]
+    if name == "parity":
+        import d2c.parity
+        return sys.modules["d2c.parity"]
     if name == "Detector":
         from d2c.api import Detector
         return Detector
