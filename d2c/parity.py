@@ -430,6 +430,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from d2c.fsutil import check_output_file
         check_output_file(args.json, "--json")
+    from d2c.darknet.runtime import library_path
+    from d2c.engines import import_caffe
+    library_path()      # both engines present (exit 3 otherwise) before any work starts
+    import_caffe()
     overrides = {}
     for item in args.net_overrides:
         key, sep, value = item.partition("=")

@@ -223,3 +223,11 @@ def test_every_problem_in_one_pass(env) -> None:
     assert len(problems) == 2
     assert problems[0].endswith("[cost] (layer 4)") and "strided.cfg:24:" in problems[0]
     assert "strided.cfg:18 [shortcut] 'from'" in problems[1] and "strided shortcuts" in problems[1]
+
+
+def test_missing_engine_is_exit_3_before_any_work(env, capsys, monkeypatch) -> None:
+    """A missing Darknet library is found before parity builds anything: one line, exit 3."""
+    monkeypatch.setenv("D2C_DARKNET_LIB", str(env["dir"] / "no-libdarknet.so"))
+    assert main(["parity", str(env["good.cfg"])]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("d2c parity: error: Darknet library not found at ")
