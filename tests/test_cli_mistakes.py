@@ -25,11 +25,14 @@ NET = "[net]\nwidth=16\nheight=16\nchannels=3\nbatch=2\n"
 GOOD = (NET + "[convolutional]\nfilters=8\nsize=3\npad=1\nbatch_normalize=1\nactivation=leaky\n"
         "[convolutional]\nfilters=18\nsize=1\nactivation=linear\n"
         "[yolo]\nmask=0,1,2\nanchors=1,2,3,4,5,6\nclasses=1\nnum=3\n")
-# A strided [shortcut] (16x16 onto 8x8) and a [cost]: both must be reported in one pass.
+# Two strided [shortcut]s (16x16 onto 8x8, 8x8 onto 4x4) with a [cost] between them: all three
+# must be reported in one pass (Darknet keeps the shape through both kinds, so d2c shapes on).
 STRIDED = (NET + "[convolutional]\nfilters=4\nsize=3\npad=1\nactivation=leaky\n"
            "[convolutional]\nfilters=4\nsize=3\nstride=2\npad=1\nactivation=leaky\n"
+           "[shortcut]\nfrom=-2\nactivation=linear\n[cost]\n"
+           "[convolutional]\nfilters=4\nsize=3\nstride=2\npad=1\nactivation=leaky\n"
            "[shortcut]\nfrom=-2\nactivation=linear\n"
-           "[convolutional]\nfilters=4\nsize=1\nactivation=leaky\n[cost]\n")
+           "[convolutional]\nfilters=4\nsize=1\nactivation=leaky\n")
 CLASSIFIER = NET + "[convolutional]\nfilters=4\nsize=3\npad=1\nactivation=leaky\n[avgpool]\n[softmax]\n"
 YOLOV1 = ("[net]\nwidth=4\nheight=4\nchannels=1\n[connected]\noutput=6\nactivation=linear\n"
           "[detection]\nclasses=1\ncoords=4\nnum=1\nside=1\n")
@@ -82,7 +85,7 @@ MISTAKES: dict[str, tuple[str, list[str]]] = {
                                        ["typo.cfg", "unknown key", "fix the cfg first"]),
     "convert: recurrent": ("convert " + str(CFGS / "rnn.cfg") + " -o {dir}/o", ["recurrent layers"]),
     "convert: strided shortcut and cost together": ("convert {strided.cfg} -o {dir}/o",
-                                                    ["1 unsupported section(s) and 1 other problem(s)"]),
+                                                    ["1 unsupported section(s) and 2 other problem(s)"]),
     # --- convert
     "convert: missing cfg": ("convert {dir}/nope.cfg -o {dir}/o", ["nope.cfg", "no such cfg file"]),
     "convert: cfg is a directory": ("convert {folder} -o {dir}/o", ["is a directory"]),
@@ -220,14 +223,7 @@ def test_every_problem_in_one_pass(env) -> None:
     with pytest.raises(UnsupportedLayerError) as exc:
         d2c.convert(env["strided.cfg"], None, env["dir"] / "o")
     problems = exc.value.problems
-    assert len(problems) == 2
-    assert problems[0].endswith("[cost] (layer 4)") and "strided.cfg:24:" in problems[0]
-    assert "strided.cfg:18 [shortcut] 'from'" in problems[1] and "strided shortcuts" in problems[1]
-
-
-def test_missing_engine_is_exit_3_before_any_work(env, capsys, monkeypatch) -> None:
-    """A missing Darknet library is found before parity builds anything: one line, exit 3."""
-    monkeypatch.setenv("D2C_DARKNET_LIB", str(env["dir"] / "no-libdarknet.so"))
-    assert main(["parity", str(env["good.cfg"])]) == 3
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("d2c parity: error: Darknet library not found at ")
+    assert len(problems) == 3, problems
+    assert problems[0].endswith("[cost] (layer 3)") and "strided.cfg:20:" in problems[0]
+    assert "strided.cfg:18 [shortcut] 'from': layer 0 is 16x16 but the previous layer is 8x8" in problems[1]
+    assert "strided.cfg:28 [shortcut] 'from': layer 3 is 8x8 but the previous layer is 4x4" in problems[2]
