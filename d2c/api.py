@@ -20,7 +20,7 @@ import numpy as np
 
 from d2c.errors import D2CError
 
-DECODED_HEADS = ("yolo", "region")
+DECODED_HEADS = ("yolo", "region", "detection")
 
 
 def callable_module(module_name: str, function_name: str) -> None:
@@ -56,11 +56,14 @@ class Detector:
         if not heads:
             raise D2CError(f"{files.sidecar_path}: the model has no detection head (a classifier?); "
                            "d2c detect decodes [yolo] and [region] heads only")
-        for head in heads:
-            if head["kind"] not in DECODED_HEADS:
-                raise D2CError(f"{files.sidecar_path}: layer {head.get('index')} is a [{head['kind']}] head "
-                               "(YOLOv1); d2c detect decodes [yolo] and [region] heads only. The raw output "
-                               f"blob '{head['blob']}' and its side/num/coords are in the sidecar")
+        kinds = {head["kind"] for head in heads}
+        if not kinds <= set(DECODED_HEADS) or ("detection" in kinds and len(heads) > 1):
+            raise D2CError(f"{files.sidecar_path}: heads {sorted(kinds)}: d2c detect decodes [yolo] and "
+                           "[region] heads, or one YOLOv1 [detection] head")
+        channels = int(files.sidecar["input"].get("channels", 3))
+        if channels != 3:
+            raise D2CError(f"{files.sidecar_path}: the model takes {channels} input channel(s); d2c detect feeds "
+                           "3-channel RGB images, as Darknet's detector does")
         self.files = files
         self.engine_name = engine
         self.names = class_names(files.classes, names, files.sidecar.get("names"))

@@ -88,7 +88,8 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
                         "does not decode, so it has no effect on other models (default 0.5)")
     p.add_argument("--nms", type=float, default=0.45,
                    help="IoU above which a lower-scored box of the same class is suppressed (do_nms_sort; "
-                        "0 turns NMS off; default 0.45)")
+                        "0 turns NMS off; default 0.45 as `darknet detector test`; `darknet yolo test` for "
+                        "YOLOv1 uses 0.4)")
     p.add_argument("--names", help="class names file, one per class (default: the names given at convert, "
                                    "else COCO/VOC names by class count, else numbers)")
     p.add_argument("--engine", choices=["caffe", "opencv"], default="caffe",

@@ -125,9 +125,6 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
         conv = build_conversion(graph, arrays, header, options, name=stem, progress=progress)
     except WeightsError as exc:  # values the converters refuse (e.g. negative BN variance)
         raise WeightsError(f"{weights_path or 'random weights'}: {exc}", exc.problems) from None
-    conv.warnings.extend(f"{cfg_path}: layer {h['index']} is a YOLOv1 [detection] head: `d2c detect` does not "
-                         f"decode it (its raw output is the net output '{h['blob']}', its parameters are in the "
-                         "sidecar)" for h in conv.sidecar["heads"] if h["kind"] == "detection")
     class_names = None
     if names is not None:
         from d2c.detect import class_names as read_names

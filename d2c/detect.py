@@ -515,11 +515,26 @@ class Engine:
         """The same on an image already loaded as (3, h, w) float32 RGB (a video frame, say)."""
         _, im_h, im_w = image.shape
         net_w, net_h = self.files.input_size
-        outputs = self.forward(letterbox(image, net_w, net_h))
-        dets = decode_heads(outputs, self.files.sidecar, im_w, im_h, thresh, hier)
+        if any(h["kind"] == "detection" for h in self.files.sidecar["heads"]):
+            dets = self._detect_yolov1(image, thresh)
+        else:
+            outputs = self.forward(letterbox(image, net_w, net_h))
+            dets = decode_heads(outputs, self.files.sidecar, im_w, im_h, thresh, hier)
         if nms:
             dets = do_nms_sort(dets, self.files.classes, nms)
         return dets, (im_w, im_h)
+
+
+    def _detect_yolov1(self, image: np.ndarray, thresh: float) -> list[Detection]:
+        """YOLOv1 (`darknet yolo test`): stretch to the net size, boxes relative to the image."""
+        from d2c.decode_v1 import decode_detection
+        from d2c.image import resize_image
+        (head,) = self.files.sidecar["heads"]
+        outputs = self.forward(resize_image(image, *self.files.input_size))
+        boxes, objectness, probs = decode_detection(_head_input(outputs, head), head, thresh,
+                                                    softmax_channels)
+        return [Detection(bbox=boxes[k], objectness=objectness[k], prob=probs[k], classes=0)
+                for k in range(boxes.shape[0])]
 
 
 def run_model(model_dir: str | Path, image_path: str | Path, engine: str = "caffe") -> dict[str, np.ndarray]:
