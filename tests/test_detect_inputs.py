@@ -170,3 +170,18 @@ def test_python_api_matches_the_cli(model, capsys) -> None:
     record = d2c.Detector(model, engine="opencv")(DATA / "dog.jpg")
     rc, out, _ = _run(capsys, model, DATA / "dog.jpg", "--json", "--engine", "opencv")
     assert rc == 0 and json.loads(out) == [record]
+
+
+def test_names_given_at_convert_label_the_boxes(tmp_path, capsys) -> None:
+    names = tmp_path / "mine.names"
+    names.write_text("".join(f"thing{i}\n" for i in range(80)))
+    assert cli.main(["convert", str(TINY_CFG), str(TINY_WEIGHTS), "-o", str(tmp_path / "m"),
+                     "--names", str(names)]) == 0
+    sidecar = json.loads((tmp_path / "m" / "yolov3-tiny.json").read_text())
+    assert sidecar["names"][16] == "thing16"
+    capsys.readouterr()
+    rc, out, _ = _run(capsys, tmp_path / "m", DATA / "dog.jpg", "--json")
+    assert rc == 0 and "thing16" in {d["name"] for d in json.loads(out)[0]["detections"]}
+    # --names at detect still wins.
+    rc, out, _ = _run(capsys, tmp_path / "m", DATA / "dog.jpg", "--json", "--names", DATA / "coco.names")
+    assert rc == 0 and "dog" in {d["name"] for d in json.loads(out)[0]["detections"]}
