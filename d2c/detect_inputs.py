@@ -206,6 +206,9 @@ class OutputNamer:
         elif self.out.exists() and not self.out.is_dir():
             raise D2CError(f"-o {self.out}: is an existing file; with several images or a video, "
                            "-o names a folder to write one image per input into")
+        elif not self.out.exists() and self.out.suffix.lower() in IMAGE_EXTENSIONS:
+            raise D2CError(f"-o {self.out}: names one image, but there are several images or a video; "
+                           "give a folder to write one image per input into")
         elif any(p.exists() and not p.is_dir() for p in self.out.parents):
             raise D2CError(f"-o {self.out}: a parent of this folder is a file")
 

@@ -123,6 +123,7 @@ MISTAKES: dict[str, tuple[str, list[str]]] = {
     "detect: --nms negative": ("detect {model-good} {dog.jpg} --nms -1", ["--nms", "between 0 and 1"]),
     "detect: -o unknown extension": ("detect {model-good} {dog.jpg} -o {dir}/x.xyz", ["cannot write '.xyz'"]),
     "detect: -o without extension": ("detect {model-good} {dog.jpg} -o {dir}/plain", ["no extension"]),
+    "detect: two images -o x.jpg": ("detect {model-good} {dog.jpg} {dog.jpg} -o {dir}/x.jpg", ["names one image", "folder"]),
     "detect: --frame-stride 0": ("detect {model-good} {dog.jpg} --frame-stride 0", ["--frame-stride"]),
     "detect: --json and --jsonl": ("detect {model-good} {dog.jpg} --json --jsonl", ["not allowed with"]),
     "detect: unknown engine": ("detect {model-good} {dog.jpg} --engine tensorrt", ["invalid choice"]),
