@@ -609,7 +609,7 @@ def class_color(cls: int, classes: int) -> tuple[int, int, int]:
     classes = max(classes, 1)
     offset = cls * 123457 % classes
     red, green, blue = (darknet_get_color(c, offset, classes) for c in (2, 1, 0))
-    return tuple(int(F32(255) * v) for v in (blue, green, red))  # type: ignore[return-value]
+    return int(F32(255) * blue), int(F32(255) * green), int(F32(255) * red)
 
 
 def _canvas(image: str | Path | np.ndarray) -> np.ndarray:
