@@ -231,3 +231,23 @@ def test_every_problem_in_one_pass(env) -> None:
     assert problems[0].endswith("[cost] (layer 3)") and "strided.cfg:20:" in problems[0]
     assert "strided.cfg:18 [shortcut] 'from': layer 0 is 16x16 but the previous layer is 8x8" in problems[1]
     assert "strided.cfg:28 [shortcut] 'from': layer 3 is 8x8 but the previous layer is 4x4" in problems[2]
+
+
+REPRO = ["parity: missing cfg", "detect: -o an existing file, two images", "parity: --json a directory",
+         "detect: a classifier", "detect: names count", "convert: key typo with weights", "convert: recurrent",
+         "convert: strided shortcut and cost together"]
+
+
+@pytest.mark.parametrize("case", REPRO)
+def test_issue_repro_through_the_installed_script(env, case: str) -> None:
+    """The issue's commands as a user runs them: the real console script, a real process."""
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "d2c"
+    line, fragments = MISTAKES[case]
+    proc = subprocess.run([str(script), *_argv(line, env)], capture_output=True, text=True, timeout=300,
+                          cwd=env["dir"])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    first, *details = proc.stderr.rstrip("\n").split("\n")
+    assert first.startswith(f"d2c {line.split()[0]}: error: ") and all(d.startswith("  ") for d in details)
+    assert all(fragment in proc.stderr for fragment in fragments)
