@@ -12,7 +12,7 @@ The Python API (the `d2c` command is a thin layer over the same calls)::
     for det in record["detections"]:
         print(det["name"], det["score"], det["box_px"])       # box_px: left, top, right, bottom
 
-    result = d2c.parity("yolov3-tiny.cfg", "yolov3-tiny.weights", steps=2)   # real Darknet vs Caffe
+    result = d2c.parity("yolov3-tiny.cfg", "yolov3-tiny.weights", steps=1)   # real Darknet vs Caffe
     print(result.ok, result.to_json()["forward"])
 
 - `d2c.convert(cfg, weights, out, **opts)` -> d2c.convert.ConvertReport. Options: flavor,
