@@ -106,6 +106,21 @@ def training_cfg(cfg_path: str | Path, directory: Path, batch: int, subdivisions
     return path
 
 
+def _build_copy(cfg_path: str | Path, copy: Path) -> Graph:
+    """Build the overridden copy; its errors must name the user's cfg, not a temporary file.
+
+    A problem of the cfg itself is reported on the original (its own lines); one that only the
+    overrides cause names the cfg and the overrides.
+    """
+    try:
+        return build_graph(parse_cfg(copy))
+    except D2CError as exc:
+        build_graph(parse_cfg(cfg_path))      # raises with the original file's lines if it is the cfg
+        first, *details = exc.render().replace(str(copy), str(cfg_path)).split("\n")
+        raise type(exc)(f"with the --batch/--subdivisions/--size/--set overrides: {first}",
+                        [d.strip() for d in details]) from None
+
+
 def load_images(paths: list[Path], width: int, height: int) -> np.ndarray:
     """Darknet-letterboxed RGB tensors (N, 3, H, W), exactly as its detector prepares them."""
     from d2c.image import letterbox, load_image_rgb
@@ -251,7 +266,7 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
     with tempfile.TemporaryDirectory(prefix="d2c-parity-") as tmp_s:
         tmp = Path(tmp_s)
         cfg = training_cfg(cfg_path, tmp, batch, subdivisions, size, net_overrides)
-        graph = build_graph(parse_cfg(cfg))
+        graph = _build_copy(cfg_path, cfg)
         heads = graph.heads()
         if not heads or any(h.kind not in ("yolo", "region") for h in heads):
             raise D2CError(f"{cfg_path}: parity needs a cfg with [yolo] or [region] heads")

@@ -46,7 +46,8 @@ def env(tmp_path_factory) -> dict[str, Path]:
     for name, text in {"good.cfg": GOOD, "typo.cfg": GOOD.replace("filters=8", "filtres=8"),
                        "strided.cfg": STRIDED, "classifier.cfg": CLASSIFIER, "yolov1.cfg": YOLOV1,
                        "empty.cfg": "", "lstm.cfg": GOOD + "[lstm]\noutput=4\n",
-                       "gray.cfg": GOOD.replace("channels=3", "channels=1")}.items():
+                       "gray.cfg": GOOD.replace("channels=3", "channels=1"),
+                       "negative.cfg": GOOD.replace("filters=8", "filters=-8")}.items():
         (root / name).write_text(text)
         out[name] = root / name
     graph = build_graph(parse_cfg(out["good.cfg"]))
@@ -137,6 +138,10 @@ MISTAKES: dict[str, tuple[str, list[str]]] = {
     "export: missing model": ("export {dir}/nope -o {dir}/x.weights", ["no such model"]),
     "export: -o a directory": ("export {model-good} -o {folder}", ["is a directory"]),
     "export: no -o": ("export {model-good}", ["required", "-o"]),
+    "parity: cfg mistake names the cfg": ("parity {negative.cfg}", ["negative.cfg:7 [convolutional] 'filters'"]),
+    "parity: --size 0 0": ("parity {good.cfg} --size 0 0", ["overrides", "good.cfg:1 [net]", "0x0x3"]),
+    "bench: cfg mistake names the cfg": ("bench {negative.cfg}", ["negative.cfg:7 [convolutional] 'filters'"]),
+    "bench: --size 0": ("bench {good.cfg} --size 0", ["--size 0", ">= 1"]),
     "bench: missing cfg": ("bench {dir}/nope.cfg", ["no such cfg file"]),
     "bench: --json a directory": ("bench {good.cfg} --json {folder}", ["--json", "is a directory"]),
     "unknown command": ("detekt {model-good} {dog.jpg}", ["invalid choice", "detect"]),
