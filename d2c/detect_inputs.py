@@ -113,6 +113,9 @@ def expand_inputs(items: list[str]) -> list[Source]:
     """
     sources: list[Source] = []
     for item in items:
+        if not item.strip():
+            sources.append(Source(Path(item), "bad", "an empty input path"))
+            continue
         if item.startswith("@") and len(item) > 1:
             listed = _list_file(Path(item[1:]))
             if not listed:

@@ -256,3 +256,9 @@ def test_issue_repro_through_the_installed_script(env, case: str) -> None:
     first, *details = proc.stderr.rstrip("\n").split("\n")
     assert first.startswith(f"d2c {line.split()[0]}: error: ") and all(d.startswith("  ") for d in details)
     assert all(fragment in proc.stderr for fragment in fragments)
+
+
+def test_empty_input_path_is_named(env, capsys) -> None:
+    """`d2c detect M ""` (an unset shell variable): not "no image files in folder '.'"."""
+    assert main(["detect", str(env["model-good"]), ""]) == 2
+    assert capsys.readouterr().err == "d2c detect: error: an empty input path (--skip-bad reports it and goes on)\n"
