@@ -151,8 +151,17 @@ def models_from_args(args: argparse.Namespace) -> list[ModelSpec]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json_out:
+        from d2c.fsutil import check_output_file
+        check_output_file(args.json_out, "--json")
     opts = options_from_args(args)
     models = models_from_args(args)
+    if args.size is not None and args.size < 1:
+        raise ParamError(f"--size {args.size}: must be >= 1")
+    if args.cfg:    # the cfg's own mistakes name its file and lines, not the bench's working copy
+        from d2c.darknet.cfg import parse_cfg
+        from d2c.darknet.graph import build_graph
+        build_graph(parse_cfg(args.cfg))
     with _workdir(args.workdir) as work:
         report = bench(models, opts, work)
     print(format_report(report))

@@ -1,7 +1,9 @@
 """`d2c` command line: argparse subcommands over the library.
 
-Every D2CError becomes one clear message (plus the collected problems) and exit status 2;
-`--debug` shows the traceback. Subcommand modules are imported lazily so `d2c info` and
+Every D2CError becomes one clear message (plus the collected problems) and exit status 2
+(3 when a real engine is missing); a file the user named that cannot be opened or written is
+the same kind of one-line error, and so is a command-line mistake. `--debug` (anywhere on the
+line) shows the traceback. Subcommand modules are imported lazily so `d2c info` and
 `d2c convert` start fast and never need pycaffe.
 """
 from __future__ import annotations
@@ -12,6 +14,19 @@ import sys
 from collections.abc import Sequence
 
 from d2c.errors import D2CError
+
+
+class D2CArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (what is wrong, and where the help is) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    """--debug after the subcommand too; SUPPRESS keeps the top-level value when it is absent."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the Python traceback of an error")
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -31,22 +46,27 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--continue-on-error", action="store_true",
                    help="convert up to the first unsupported section, reporting every problem")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights")
+    p.add_argument("--names", help="class names file (e.g. coco.names) to record in the sidecar for `d2c detect`; "
+                                   "must have one name per class")
     p.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from d2c.convert import convert
-    rep = convert(args.cfg, args.weights, args.out, flavor=args.darknet, fold_bn=args.fold_bn,
-                  continue_on_error=args.continue_on_error, allow_trailing=args.allow_trailing,
-                  seed=args.seed, train=args.train, bn=args.bn, batch=args.batch, progress=True,
-                  name=args.name)
+    import d2c
+    rep = d2c.convert(args.cfg, args.weights, args.out, flavor=args.darknet, fold_bn=args.fold_bn,
+                      continue_on_error=args.continue_on_error, allow_trailing=args.allow_trailing,
+                      seed=args.seed, train=args.train, bn=args.bn, batch=args.batch, progress=True,
+                      name=args.name, names=args.names)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"d2c convert: {args.cfg}" + (f" + {args.weights}" if args.weights else " (random weights, seed "
                                                                                  f"{args.seed})"))
     print(f"  Darknet semantics : {rep.flavor} ({rep.flavor_reason})")
     print(f"  Darknet layers    : {rep.layers}   Caffe layers: {rep.caffe_layers}   params: {rep.params:,}")
-    print(f"  outputs           : {', '.join(rep.outputs)}")
+    if rep.outputs:
+        print(f"  outputs           : {', '.join(rep.outputs)}")
+    else:
+        print("  outputs           : no detection head (a classifier): Caffe's output is the last layer's blob")
     for path in (rep.prototxt, rep.caffemodel, rep.sidecar, *rep.extra):
         print(f"  wrote             : {path}")
     print(f"  time              : {rep.seconds:.2f} s")
@@ -54,16 +74,40 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _add_detect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("detect", help="run a converted model on images, Darknet-exact pre/post-processing")
+    p = sub.add_parser("detect", help="run a converted model on images, folders, lists or videos, "
+                                      "Darknet-exact pre/post-processing")
     p.add_argument("model", help="output directory of `d2c convert`, or its .prototxt")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--thresh", type=float, default=0.25)
-    p.add_argument("--hier", type=float, default=0.5)
-    p.add_argument("--nms", type=float, default=0.45)
-    p.add_argument("--names", help="class names file (default: COCO/VOC names guessed from class count)")
-    p.add_argument("--engine", choices=["caffe", "opencv"], default="caffe")
-    p.add_argument("--json", action="store_true", help="print detections as JSON to stdout")
-    p.add_argument("-o", "--out", help="PNG with labelled boxes (a directory when several images)")
+    p.add_argument("images", nargs="+", metavar="INPUT",
+                   help="image, folder (its images, sorted by name), @LIST (one path per line) or video "
+                        "(.mp4, .avi, ...: frame by frame)")
+    p.add_argument("--thresh", type=float, default=0.25,
+                   help="report a class when objectness x class probability > this (default 0.25; pjreddie "
+                        "Darknet's `darknet detect`/`detector test` default to 0.5: pass --thresh 0.5 to match)")
+    p.add_argument("--hier", type=float, default=0.5,
+                   help="Darknet's hierarchical (YOLO9000 tree) threshold; only for tree heads, which d2c "
+                        "does not decode, so it has no effect on other models (default 0.5)")
+    p.add_argument("--nms", type=float, default=0.45,
+                   help="IoU above which a lower-scored box of the same class is suppressed (do_nms_sort; "
+                        "0 turns NMS off; default 0.45 as `darknet detector test`; `darknet yolo test` for "
+                        "YOLOv1 uses 0.4)")
+    p.add_argument("--names", help="class names file, one per class (default: the names given at convert, "
+                                   "else COCO/VOC names by class count, else numbers)")
+    p.add_argument("--engine", choices=["caffe", "opencv"], default="caffe",
+                   help="run the Caffe files in pycaffe (default) or in OpenCV's dnn module")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true",
+                     help="print one JSON document to stdout: a list of records, one per image or frame "
+                          "(failed inputs included, with their error)")
+    fmt.add_argument("--jsonl", action="store_true",
+                     help="print JSON Lines to stdout: one record per image or frame as soon as it is done")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="report an unreadable or missing input and go on (exit 0); without it the run "
+                        "stops at one (JSON modes record it, finish the others, then exit 2)")
+    p.add_argument("--frame-stride", type=int, default=1, metavar="N",
+                   help="videos: detect on every N-th frame (default 1)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="videos: at most N frames per video")
+    p.add_argument("-o", "--out", help="write the image with labelled boxes: a file for one image (format from "
+                                       "its extension: .png, .jpg, ...), else a folder of PNGs")
     p.set_defaults(func=_run_detect)
 
 
@@ -95,9 +139,12 @@ MODULE_COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2c", description="Port Darknet YOLO models to stock Caffe and prove the port is exact.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from d2c import __version__
+    parser = D2CArgumentParser(prog="d2c", description="Port Darknet YOLO models to stock Caffe and prove the "
+                                                       "port is exact.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the subcommand)")
+    parser.add_argument("--version", action="version", version=f"d2c {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
     _add_detect(sub)
     _add_info(sub)
@@ -110,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
+    for p in sub.choices.values():
+        _add_debug(p)
     return parser
 
 
@@ -134,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a file the user named: missing, a directory, not writable, disk full
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"d2c {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug in d2c: still one line for the user, the traceback with --debug
         if args.debug:
             raise

@@ -103,8 +103,13 @@ class ConvertReport:
 def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str | Path, *,
             flavor: str | None = None, fold_bn: bool = False, continue_on_error: bool = False,
             allow_trailing: bool = False, seed: int = 0, train: bool = False, bn: str = "exact",
-            batch: int | None = None, progress: bool = False, name: str | None = None) -> ConvertReport:
-    """Convert and write OUT/<stem>.prototxt, .caffemodel, .json (and the train net with `train`)."""
+            batch: int | None = None, progress: bool = False, name: str | None = None,
+            names: str | Path | None = None) -> ConvertReport:
+    """Convert and write OUT/<stem>.prototxt, .caffemodel, .json (and the train net with `train`).
+
+    `names`: a class names file, checked against the class count and recorded in the sidecar so
+    `d2c detect` labels boxes with it.
+    """
     start = time.perf_counter()
     graph = load_graph(cfg_path, flavor, continue_on_error=continue_on_error)
     if weights_path is None:
@@ -120,6 +125,13 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
         conv = build_conversion(graph, arrays, header, options, name=stem, progress=progress)
     except WeightsError as exc:  # values the converters refuse (e.g. negative BN variance)
         raise WeightsError(f"{weights_path or 'random weights'}: {exc}", exc.problems) from None
+    class_names = None
+    if names is not None:
+        from d2c.detect import class_names as read_names
+        heads = conv.sidecar["heads"]
+        if not heads:
+            raise D2CError(f"--names {names}: the network has no detection head to name classes for")
+        class_names = read_names(int(heads[-1]["classes"]), names)
     files = {"prototxt": out / f"{stem}.prototxt", "caffemodel": out / f"{stem}.caffemodel",
              "sidecar": out / f"{stem}.json"}
     extra: list[Path] = []
@@ -138,6 +150,8 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
             # The few pjreddie variances whose float32 var' has two preimages: export stays byte-exact.
             from d2c.export import exact_variance_overrides
             sidecar["bn_exact"] = exact_variance_overrides(graph, arrays)
+            if class_names is not None:
+                sidecar["names"] = class_names
             atomic_write_text(stage / files["sidecar"].name, json.dumps(sidecar, indent=1) + "\n")
             if train_conv is not None:
                 from d2c.train_files import write_train_files
@@ -161,3 +175,9 @@ def header_comment(conv: Conversion) -> str:
              f"{', '.join(h.blob for h in conv.emitter.heads) or '(none)'}.",
              "# Decode with `d2c detect` using the JSON sidecar beside this file."]
     return "\n".join(lines) + "\n"
+
+
+# `d2c.convert(cfg, weights, out, **opts)` calls convert() (the package API, see d2c.api).
+from d2c.api import callable_module  # noqa: E402
+
+callable_module(__name__, "convert")

@@ -301,7 +301,8 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
         if not all(k in data["input"] for k in ("width", "height")):
             problems.append("'input' needs width and height")
         for i, head in enumerate(data["heads"]):
-            missing = [k for k in ("kind", "blob", "shape", "classes", "anchors") if k not in head]
+            needed = ("kind", "blob", "shape", "classes") + (("anchors",) if head.get("kind") != "detection" else ())
+            missing = [k for k in needed if k not in head]
             if missing:
                 problems.append(f"heads[{i}] lacks {', '.join(missing)}")
     if problems:
@@ -416,14 +417,33 @@ class Engine:
     def detect(self, image_path: str | Path, thresh: float = 0.25, hier: float = 0.5,
                nms: float = 0.45) -> tuple[list[Detection], tuple[int, int]]:
         """Darknet's test_detector for one image: letterbox, forward, boxes, do_nms_sort."""
-        image = load_image_rgb(image_path)
+        return self.detect_image(load_image_rgb(image_path), thresh, hier, nms)
+
+    def detect_image(self, image: np.ndarray, thresh: float = 0.25, hier: float = 0.5,
+                     nms: float = 0.45) -> tuple[list[Detection], tuple[int, int]]:
+        """The same on an image already loaded as (3, h, w) float32 RGB (a video frame, say)."""
         _, im_h, im_w = image.shape
         net_w, net_h = self.files.input_size
-        outputs = self.forward(letterbox(image, net_w, net_h))
-        dets = decode_heads(outputs, self.files.sidecar, im_w, im_h, thresh, hier)
+        if any(h["kind"] == "detection" for h in self.files.sidecar["heads"]):
+            dets = self._detect_yolov1(image, thresh)
+        else:
+            outputs = self.forward(letterbox(image, net_w, net_h))
+            dets = decode_heads(outputs, self.files.sidecar, im_w, im_h, thresh, hier)
         if nms:
             dets = do_nms_sort(dets, self.files.classes, nms)
         return dets, (im_w, im_h)
+
+
+    def _detect_yolov1(self, image: np.ndarray, thresh: float) -> list[Detection]:
+        """YOLOv1 (`darknet yolo test`): stretch to the net size, boxes relative to the image."""
+        from d2c.decode_v1 import decode_detection
+        from d2c.image import resize_image
+        (head,) = self.files.sidecar["heads"]
+        outputs = self.forward(resize_image(image, *self.files.input_size))
+        boxes, objectness, probs = decode_detection(_head_input(outputs, head), head, thresh,
+                                                    softmax_channels)
+        return [Detection(bbox=boxes[k], objectness=objectness[k], prob=probs[k], classes=0)
+                for k in range(boxes.shape[0])]
 
 
 def run_model(model_dir: str | Path, image_path: str | Path, engine: str = "caffe") -> dict[str, np.ndarray]:
@@ -437,19 +457,33 @@ def run_model(model_dir: str | Path, image_path: str | Path, engine: str = "caff
 # Names, drawing, CLI
 # --------------------------------------------------------------------------------------------
 
-def class_names(classes: int, names_file: str | Path | None = None) -> list[str]:
-    """--names, else Darknet's COCO (80) or VOC (20) list, else the class numbers."""
+def class_names(classes: int, names_file: str | Path | None = None,
+                known: list[str] | None = None) -> list[str]:
+    """--names, else the names recorded at convert time (`known`), else Darknet's COCO (80) or
+    VOC (20) list, else the class numbers. A names file whose count differs from the model's
+    class count is an error: Darknet would silently label with the wrong names (or crash)."""
     path: Path | None = Path(names_file) if names_file else None
     if path is None:
+        if known:
+            return list(known)
         path = {80: DARKNET_DATA / "coco.names", 20: DARKNET_DATA / "voc.names"}.get(classes)
         if path is None or not path.is_file():
             return [str(i) for i in range(classes)]
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such class names file") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a directory, expected a class names file (one name per line)") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte offset {exc.start})") from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read class names ({exc.strerror or exc})") from None
     names = [line.strip() for line in lines if line.strip()]
-    return [names[i] if i < len(names) else str(i) for i in range(classes)]
+    if len(names) != classes:
+        raise DatasetError(f"{path}: {len(names)} class name(s) but the model has {classes} classes; "
+                           "pass the names file the model was trained with")
+    return names
 
 
 def pixel_box(bbox: np.ndarray, im_w: int, im_h: int) -> tuple[int, int, int, int]:
@@ -462,27 +496,53 @@ def pixel_box(bbox: np.ndarray, im_w: int, im_h: int) -> tuple[int, int, int, in
     return left, top, right, bot
 
 
+# Darknet's colour table (src/image.c `colors`), indexed [stop][channel]; draw_detections reads
+# channel 2 as red, 1 as green and 0 as blue.
+DARKNET_COLORS = ((1, 0, 1), (0, 0, 1), (0, 1, 1), (0, 1, 0), (1, 1, 0), (1, 0, 0))
+
+
+def darknet_get_color(channel: int, x: int, top: int) -> F32:
+    """Darknet's get_color: linear interpolation along the colour table, in float."""
+    ratio = (F32(x) / F32(top)) * F32(5)
+    lo, hi = math.floor(ratio), math.ceil(ratio)
+    ratio = ratio - F32(lo)
+    return F32((F32(1) - ratio) * F32(DARKNET_COLORS[lo][channel]) + ratio * F32(DARKNET_COLORS[hi][channel]))
+
+
 def class_color(cls: int, classes: int) -> tuple[int, int, int]:
-    """A colour per class on a magenta-blue-cyan-green-yellow-red ramp, like Darknet's (BGR bytes)."""
-    ramp = ((1, 0, 1), (0, 0, 1), (0, 1, 1), (0, 1, 0), (1, 1, 0), (1, 0, 0))  # RGB stops
-    offset = (cls * 123457) % max(classes, 1)
-    pos = offset / max(classes, 1) * (len(ramp) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    frac = pos - lo
-    rgb = [(1 - frac) * ramp[lo][c] + frac * ramp[hi][c] for c in range(3)]
-    return int(rgb[2] * 255), int(rgb[1] * 255), int(rgb[0] * 255)
+    """The box colour Darknet's draw_detections gives class `cls`, as OpenCV BGR bytes.
+
+    offset = cls*123457 % classes (C int arithmetic); red = get_color(2, ...), green =
+    get_color(1, ...), blue = get_color(0, ...); Darknet's save_image stores (unsigned char)(255*v).
+    """
+    classes = max(classes, 1)
+    offset = cls * 123457 % classes
+    red, green, blue = (darknet_get_color(c, offset, classes) for c in (2, 1, 0))
+    return int(F32(255) * blue), int(F32(255) * green), int(F32(255) * red)
 
 
-def draw(image_path: str | Path, dets: list[Detection], names: list[str], out_png: str | Path,
+def _canvas(image: str | Path | np.ndarray) -> np.ndarray:
+    """BGR bytes to draw on: the file's own pixels, or an RGB float image turned back into bytes."""
+    from d2c.engines import import_cv2
+    cv2 = import_cv2()
+    if isinstance(image, np.ndarray):
+        planar = np.rint(np.clip(np.asarray(image, dtype=F64), 0, 1) * 255.0).astype(np.uint8)
+        return np.ascontiguousarray(planar.transpose(1, 2, 0)[:, :, ::-1])
+    raw = np.fromfile(Path(image), dtype=np.uint8)
+    canvas = cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
+    if canvas is None:
+        raise DatasetError(f"{image}: not an image OpenCV can decode")
+    return canvas
+
+
+def draw(image: str | Path | np.ndarray, dets: list[Detection], names: list[str], out_path: str | Path,
          thresh: float = 0.25) -> Path:
-    """Write a PNG of the image with a labelled box per detection above thresh (atomically)."""
+    """Write the image with a labelled box per detection above thresh, in Darknet's colours, in
+    the format `out_path`'s extension names (atomically)."""
     from d2c.engines import import_cv2
     from d2c.fsutil import atomic_write_bytes
     cv2 = import_cv2()
-    raw = np.fromfile(Path(image_path), dtype=np.uint8)
-    canvas = cv2.imdecode(raw, cv2.IMREAD_COLOR)
-    if canvas is None:
-        raise DatasetError(f"{image_path}: not an image OpenCV can decode")
+    canvas = _canvas(image)
     im_h, im_w = canvas.shape[:2]
     thresh32 = F32(thresh)
     width = max(int(im_h * 0.006), 1)
@@ -500,71 +560,84 @@ def draw(image_path: str | Path, dets: list[Detection], names: list[str], out_pn
         cv2.rectangle(canvas, (left, y0), (left + tw + 2, y0 + th + base), color, -1)
         cv2.putText(canvas, label, (left + 1, y0 + th), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
                     cv2.LINE_AA)
-    ok, encoded = cv2.imencode(".png", canvas)
+    out = Path(out_path)
+    extension = out.suffix.lower() or ".png"
+    try:
+        ok, encoded = cv2.imencode(extension, canvas)
+    except cv2.error:
+        ok = False
     if not ok:
-        raise EngineError(f"OpenCV could not encode {out_png} as PNG")
-    out = Path(out_png)
+        raise EngineError(f"OpenCV could not encode {out} as '{extension}'")
     atomic_write_bytes(out, encoded.tobytes())
     return out
 
 
-def _output_paths(images: list[str], out: str | None) -> list[Path | None]:
-    """-o: the PNG for one image, a directory of <stem>.png for several."""
-    if not out:
-        return [None] * len(images)
-    if len(images) == 1 and not Path(out).is_dir():
-        return [Path(out)]
-    seen: dict[str, int] = {}
-    paths: list[Path | None] = []
-    for image in images:
-        stem = Path(image).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        suffix = "" if seen[stem] == 1 else f"_{seen[stem]}"
-        paths.append(Path(out) / f"{stem}{suffix}.png")
-    return paths
-
-
 def run_detect_cli(args: argparse.Namespace) -> int:
-    """`d2c detect`: a table per image (class, score %, box in pixels) or JSON on stdout."""
+    """`d2c detect`: a table per image or frame, or JSON records (one document, or JSON Lines)."""
+    from d2c.api import Detector
+    from d2c.detect_inputs import OutputNamer, expand_inputs, first_problem, iter_frames
     for value, name in ((args.thresh, "--thresh"), (args.hier, "--hier"), (args.nms, "--nms")):
         if not (math.isfinite(value) and 0 <= value <= 1):
             raise D2CError(f"{name} {value}: must be between 0 and 1")
-    for image in args.images:     # fail fast, before loading a model
-        if not Path(image).is_file():
-            raise DatasetError(f"{image}: image not found")
-    files = load_model_files(args.model)
-    names = class_names(files.classes, args.names)
-    engine = Engine(files, args.engine)
+    sources = expand_inputs(args.images)          # fail fast, before loading a model
+    problem = first_problem(sources)
+    if problem and not args.skip_bad:
+        raise DatasetError(f"{problem} (--skip-bad reports it and goes on)")
+    namer = OutputNamer(args.out, sources)
+    frames = iter_frames(sources, frame_stride=args.frame_stride, max_frames=args.max_frames)
+    detector = Detector(args.model, engine=args.engine, names=args.names)
+    json_mode = args.json or args.jsonl
     records: list[dict[str, Any]] = []
-    for image, png in zip(args.images, _output_paths(args.images, args.out), strict=True):
-        start = time.perf_counter()
-        dets, (im_w, im_h) = engine.detect(image, args.thresh, args.hier, args.nms)
-        seconds = time.perf_counter() - start
-        rows = detections_to_json(dets, args.thresh)
-        for row in rows:
-            row["name"] = names[row["class"]]
-            row["box_px"] = list(pixel_box(np.asarray(row["box"], dtype=F32), im_w, im_h))
-        records.append({"image": str(image), "width": im_w, "height": im_h, "engine": args.engine,
-                        "detections": rows})
-        if png is not None:
-            draw(image, dets, names, png, args.thresh)
-        if not args.json:
-            _print_table(image, rows, seconds, args.engine, png)
+    failed: list[str] = []
+    total = None if any(s.kind == "video" for s in sources) else len(sources)
+    from tqdm import tqdm
+    bar = tqdm(frames, total=total, desc="detect", unit="image", leave=False,
+               disable=not (sys.stderr.isatty() and (total is None or total > 3)))
+    for frame in bar:
+        record: dict[str, Any] = {"image": str(frame.source), "frame": frame.frame}
+        if frame.error:
+            failed.append(frame.error)
+            if not json_mode and not args.skip_bad:
+                raise DatasetError(f"{frame.error} (--skip-bad reports it and goes on)")
+            record["error"] = frame.error
+            if not json_mode:
+                print(f"d2c detect: skipped: {frame.error}", file=sys.stderr)
+        else:
+            start = time.perf_counter()
+            dets, record_body = detector.detect_frame(frame.image, args.thresh, args.hier, args.nms)
+            seconds = time.perf_counter() - start
+            record.update(record_body)
+            out_path = namer.path_for(frame)
+            if out_path is not None:
+                draw(frame.image, dets, detector.names, out_path, args.thresh)
+            if not json_mode:
+                bar.write(_table(frame.label, record["detections"], seconds, args.engine, out_path))
+        if args.jsonl:
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+        elif args.json:
+            records.append(record)
+    bar.close()
     if args.json:
         json.dump(records, sys.stdout, indent=1)
         sys.stdout.write("\n")
+    if failed:
+        if not args.skip_bad:
+            raise DatasetError(f"{len(failed)} input(s) could not be read, first: {failed[0]} "
+                               "(--skip-bad accepts that)")
+        print(f"d2c detect: warning: skipped {len(failed)} unreadable input(s)", file=sys.stderr)
     return 0
 
 
-def _print_table(image: str, rows: list[dict[str, Any]], seconds: float, engine: str,
-                 png: Path | None) -> None:
-    print(f"{image}: {len(rows)} detection{'s' if len(rows) != 1 else ''} ({engine}, {seconds:.3f} s)")
+def _table(label: str, rows: list[dict[str, Any]], seconds: float, engine: str, out_path: Path | None) -> str:
+    lines = [f"{label}: {len(rows)} detection{'s' if len(rows) != 1 else ''} ({engine}, {seconds:.3f} s)"]
     if rows:
         width = max(12, *(len(r["name"]) for r in rows))
-        print(f"  {'class':<{width}} {'score':>6}  {'left':>5} {'top':>5} {'right':>5} {'bottom':>6}")
+        lines.append(f"  {'class':<{width}} {'score':>6}  {'left':>5} {'top':>5} {'right':>5} {'bottom':>6}")
         for r in rows:
             left, top, right, bot = r["box_px"]
             percent = float(F32(r["score"]) * F32(100))     # Darknet: prob*100 in float, then %.0f
-            print(f"  {r['name']:<{width}} {percent:5.0f}%  {left:5d} {top:5d} {right:5d} {bot:6d}")
-    if png is not None:
-        print(f"  wrote {png}")
+            lines.append(f"  {r['name']:<{width}} {percent:5.0f}%  {left:5d} {top:5d} {right:5d} {bot:6d}")
+    if out_path is not None:
+        lines.append(f"  wrote {out_path}")
+    return "\n".join(lines)

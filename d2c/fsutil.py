@@ -31,6 +31,20 @@ def input_errors(path: Path, missing: str, expected: str, error: type[D2CError])
         raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
+def check_output_file(path: str | Path, option: str) -> None:
+    """Refuse, before any work starts, an output file path that cannot be written: an existing
+    directory, a path under a file, or a folder without write permission. Why: a long run
+    (parity, bench) must not fail only at the end, when it writes its report."""
+    target = Path(path)
+    if target.is_dir():
+        raise D2CError(f"{option} {target}: is a directory; name the file to write")
+    existing = next((p for p in target.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise D2CError(f"{option} {target}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise D2CError(f"{option} {target}: cannot write in {existing} (permission denied)")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Yield a file handle; on success the content replaces `path` atomically, else nothing changes."""

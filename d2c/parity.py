@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from d2c.caffe.emitter import DEPLOY, TRAIN, ConvertOptions
-from d2c.darknet.cfg import parse_cfg
+from d2c.darknet.cfg import parse_cfg, read_cfg_text
 from d2c.darknet.graph import Graph, build_graph
 from d2c.darknet.weights import WeightsHeader, random_weights, read_weights, write_weights
 from d2c.errors import D2CError, DatasetError
@@ -88,7 +88,7 @@ def training_cfg(cfg_path: str | Path, directory: Path, batch: int, subdivisions
     if size is not None:
         keys.update(width=str(size[0]), height=str(size[1]))
     out, in_net, seen = [], False, set()
-    for line in Path(cfg_path).read_text().split("\n"):
+    for line in read_cfg_text(cfg_path).split("\n"):
         stripped = "".join(line.split())
         if stripped.startswith("["):
             if in_net:
@@ -104,6 +104,21 @@ def training_cfg(cfg_path: str | Path, directory: Path, batch: int, subdivisions
     path = directory / Path(cfg_path).name
     path.write_text("\n".join(out))
     return path
+
+
+def _build_copy(cfg_path: str | Path, copy: Path) -> Graph:
+    """Build the overridden copy; its errors must name the user's cfg, not a temporary file.
+
+    A problem of the cfg itself is reported on the original (its own lines); one that only the
+    overrides cause names the cfg and the overrides.
+    """
+    try:
+        return build_graph(parse_cfg(copy))
+    except D2CError as exc:
+        build_graph(parse_cfg(cfg_path))      # raises with the original file's lines if it is the cfg
+        first, *details = exc.render().replace(str(copy), str(cfg_path)).split("\n")
+        raise type(exc)(f"with the --batch/--subdivisions/--size/--set overrides: {first}",
+                        [d.strip() for d in details]) from None
 
 
 def load_images(paths: list[Path], width: int, height: int) -> np.ndarray:
@@ -250,7 +265,7 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
     with tempfile.TemporaryDirectory(prefix="d2c-parity-") as tmp_s:
         tmp = Path(tmp_s)
         cfg = training_cfg(cfg_path, tmp, batch, subdivisions, size, net_overrides)
-        graph = build_graph(parse_cfg(cfg))
+        graph = _build_copy(cfg_path, cfg)
         heads = graph.heads()
         if not heads or any(h.kind not in ("yolo", "region") for h in heads):
             raise D2CError(f"{cfg_path}: parity needs a cfg with [yolo] or [region] heads")
@@ -406,24 +421,32 @@ def format_report(report: ParityReport) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cfg")
+    p.add_argument("cfg", help="Darknet .cfg with [yolo] or [region] heads")
     p.add_argument("weights", nargs="?", help=".weights (default: seeded well-conditioned random weights)")
     p.add_argument("--images", nargs="+", type=Path, help="images (default: Darknet's sample images)")
     p.add_argument("--truth", type=Path, help="JSON list per image of [x, y, w, h, class] boxes")
     p.add_argument("--batch", type=int, default=2, help="mini-batch b (default 2)")
-    p.add_argument("--subdivisions", type=int, default=1)
+    p.add_argument("--subdivisions", type=int, default=1, help="mini-batches per SGD step (default 1)")
     p.add_argument("--steps", type=int, default=1, help="SGD steps to compare (0: forward, loss, gradient only)")
-    p.add_argument("--bn", choices=["exact", "stock", "frozen"], default="exact")
+    p.add_argument("--bn", choices=["exact", "stock", "frozen"], default="exact",
+                   help="Caffe-side BatchNorm: exact Darknet (Python layer), stock Caffe, or frozen statistics")
     p.add_argument("--no-darknet-compat", dest="darknet_compat", action="store_false",
                    help="do not emulate Debian Darknet's CPU gradient defects on the Caffe side")
     p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), help="override the [net] input size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and truth boxes (default 0)")
     p.add_argument("--set", dest="net_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [net] key in both engines, e.g. --set burn_in=0 --set learning_rate=0.01")
     p.add_argument("--json", type=Path, help="write the full report as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        from d2c.fsutil import check_output_file
+        check_output_file(args.json, "--json")
+    from d2c.darknet.runtime import library_path
+    from d2c.engines import import_caffe
+    library_path()      # both engines present (exit 3 otherwise) before any work starts
+    import_caffe()
     overrides = {}
     for item in args.net_overrides:
         key, sep, value = item.partition("=")
@@ -439,3 +462,9 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(args.json, json.dumps(report.to_json(), indent=1, default=float) + "\n")
         print(f"  wrote {args.json}")
     return 0 if report.ok else 1
+
+
+# `d2c.parity(cfg, weights, **opts)` calls run_parity() (the package API, see d2c.api).
+from d2c.api import callable_module  # noqa: E402
+
+callable_module(__name__, "run_parity")

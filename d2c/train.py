@@ -200,7 +200,8 @@ def initial_weights(graph: Any, weights: Path | None, *, load_upto: int | None, 
     upto = load_upto
     if upto is not None and upto > len(graph.nodes):
         raise D2CError(f"--load-upto {upto}: the cfg has only {len(graph.nodes)} layers")
-    header, loaded = read_weights(weights, graph, upto=upto)
+    header, loaded = read_weights(weights, graph, upto=upto,
+                                  trailing_hint="--load-upto L loads only layers 0..L-1 (a backbone pretrained on another cfg)")
     arrays = darknet_init(graph, seed, start=upto if upto is not None else len(graph.nodes))
     arrays.update({i: {k: np.array(v, F32) for k, v in a.items()} for i, a in loaded.items()})
     if upto is not None:

@@ -49,6 +49,11 @@ def test_quick_report_has_the_keys_other_tools_read(quick_report: dict) -> None:
     assert quick_report["parity_s"] is None and quick_report["parity"]["reason"]
 
 
+def test_quick_report_matches_the_documented_schema(quick_report: dict) -> None:
+    from d2c.schemas import BENCH_REPORT, validate
+    assert validate(quick_report, BENCH_REPORT) == []
+
+
 def test_quick_report_numbers_are_physical(quick_report: dict) -> None:
     for engine in ENGINES:
         ms = quick_report["forward_ms"][engine]

@@ -617,7 +617,7 @@ def test_cli_missing_image_exit_2(tiny_model, tmp_path, capsys) -> None:
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and "nope.jpg" in lines[0] and "not found" in lines[0]
+    assert len(lines) == 1 and "nope.jpg" in lines[0] and "no such image" in lines[0]
 
 
 def test_cli_bad_model_exit_2(tmp_path, capsys) -> None:
@@ -649,8 +649,12 @@ def test_class_names(tmp_path) -> None:
     assert class_names(20)[11] == "dog"
     assert class_names(3) == ["0", "1", "2"]
     custom = tmp_path / "n.names"
-    custom.write_text("cat\nbird\n")
-    assert class_names(3, custom) == ["cat", "bird", "2"]
+    custom.write_text("cat\nbird\n\ndog\n")
+    assert class_names(3, custom) == ["cat", "bird", "dog"]
+    assert class_names(3, None, ["x", "y", "z"]) == ["x", "y", "z"]       # recorded at convert time
+    for wrong in (2, 4):   # Darknet would mislabel (or read past its names array): refuse
+        with pytest.raises(DatasetError, match=f"3 class name\\(s\\) but the model has {wrong} classes"):
+            class_names(wrong, custom)
     with pytest.raises(DatasetError, match="missing.names"):
         class_names(3, tmp_path / "missing.names")
 

@@ -33,6 +33,11 @@ ALEXEYAB_ACTIVATIONS = frozenset({"mish", "swish", "silu", "hard_mish", "relu6",
 
 
 HEAD_KINDS = ("yolo", "region", "detection")
+RECURRENT_SECTIONS = frozenset({"rnn", "gru", "lstm", "crnn", "conv_lstm", "history"})
+# Sections whose output has their input's shape in Darknet: when one cannot be converted, the
+# layers after it can still be shaped, so one pass reports their problems too.
+SHAPE_PRESERVING = frozenset({"shortcut", "cost", "dropout", "activation", "logistic", "l2norm",
+                              "normalization", "batchnorm", "softmax", "sam", "scale_channels"})
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Graph:
     flavor_reason: str
     warnings: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    unknown_keys: list[str] = field(default_factory=list)   # also in warnings; a typo changes the weights' size
 
     def param_count(self) -> int:
         return sum(n.param_count() for n in self.nodes)
@@ -150,22 +156,33 @@ def build_graph(cfg: Cfg, flavor: str | None = None, *, continue_on_error: bool 
 def _build_graph(cfg: Cfg, flavor: str, reason: str, continue_on_error: bool) -> Graph:
     if flavor not in ("pjreddie", "alexeyab"):
         raise D2CError(f"unknown Darknet flavor {flavor!r}; use pjreddie or alexeyab")
-    builder = GraphBuilder(cfg, flavor)
     unsupported = [f"{cfg.path}:{s.line}: [{s.raw_type}] (layer {s.index})"
+                   + (": recurrent layers are not supported" if s.type in RECURRENT_SECTIONS else "")
                    for s in cfg.layers if s.type not in REGISTRY]
-    if unsupported and not continue_on_error:
-        raise UnsupportedLayerError(f"{cfg.path}: {len(unsupported)} unsupported section(s)", unsupported)
+    recurrent = any(s.type in RECURRENT_SECTIONS for s in cfg.layers)
+    if unsupported and (not _has_image_input(cfg) or (recurrent and not continue_on_error)):
+        # Recurrent cfgs have no image input ([net] inputs=...): say what is unsupported, not that.
+        raise UnsupportedLayerError(f"{cfg.path}: {len(unsupported)} unsupported section(s)"
+                                    + ("; recurrent layers ([rnn], [gru], [lstm], [crnn]) have no stock-Caffe "
+                                       "form matching Darknet's" if recurrent else ""), unsupported)
+    builder = GraphBuilder(cfg, flavor)
     problems: list[str] = []
     warnings = list(cfg.warnings)
     skipped: list[str] = []
+    unknown_keys: list[str] = []
     total_params = 0
     total_activations = 0
     for sec in cfg.layers:
         converter = REGISTRY.get(sec.type)
         if converter is None:
-            # --continue-on-error: later layers cannot be shaped without this one; stop here, loudly.
-            skipped.append(f"{cfg.path}:{sec.line}: [{sec.raw_type}] unsupported; conversion stops "
-                           f"before layer {sec.index}")
+            if continue_on_error:
+                # Later layers cannot be shaped without this one; stop here, loudly.
+                skipped.append(f"{cfg.path}:{sec.line}: [{sec.raw_type}] unsupported; conversion stops "
+                               f"before layer {sec.index}")
+                break
+            if sec.type in SHAPE_PRESERVING:   # already listed as unsupported; shape on past it
+                builder.nodes.append(_pass_through(sec, builder))
+                continue
             break
         try:
             node = converter.build(sec, builder)
@@ -176,9 +193,12 @@ def _build_graph(cfg: Cfg, flavor: str, reason: str, continue_on_error: bool) ->
             break
         except D2CError as exc:
             problems.append(exc.render())
-            if not continue_on_error:
+            if continue_on_error:
+                skipped.append(f"{sec.where}: skipped: {exc}")
                 break
-            skipped.append(f"{sec.where}: skipped: {exc}")
+            if sec.type in SHAPE_PRESERVING:   # report the problems after it in the same pass
+                builder.nodes.append(_pass_through(sec, builder))
+                continue
             break
         c, h, w = node.out_shape
         if min(node.out_shape) <= 0:
@@ -202,12 +222,29 @@ def _build_graph(cfg: Cfg, flavor: str, reason: str, continue_on_error: bool) ->
                             f"({total_params:,} floats; limit {MAX_PARAM_FLOATS * 4 / 2**30:.0f} GiB); refusing")
             break
         builder.nodes.append(node)
-        warnings.extend(f"{cfg.path}:{opt.line}: [{sec.raw_type}] unknown key '{key}' (ignored)"
-                        for key, opt in sec.options.items()
-                        if key not in converter.keys and key not in COMMON_KEYS)
+        unknown_keys.extend(f"{cfg.path}:{opt.line}: [{sec.raw_type}] unknown key '{key}' (ignored)"
+                            for key, opt in sec.options.items()
+                            if key not in converter.keys and key not in COMMON_KEYS)
+    if unsupported and not continue_on_error:
+        raise UnsupportedLayerError(f"{cfg.path}: {len(unsupported)} unsupported section(s)"
+                                    + (f" and {len(problems)} other problem(s)" if problems else ""),
+                                    unsupported + problems)
     if problems:
         raise CfgError(f"{cfg.path}: cannot build the network", problems)
     if not builder.nodes:
         raise CfgError(f"{cfg.path}: no layer could be converted", skipped)
     return Graph(cfg=cfg, net=builder.net, nodes=builder.nodes, flavor=flavor,
-                 flavor_reason=reason, warnings=warnings, skipped=skipped)
+                 flavor_reason=reason, warnings=warnings + unknown_keys, skipped=skipped,
+                 unknown_keys=unknown_keys)
+
+
+def _has_image_input(cfg: Cfg) -> bool:
+    """[net] declares width, height and channels (recurrent cfgs declare `inputs` instead)."""
+    return all(cfg.net.has(k) for k in ("width", "height", "channels"))
+
+
+def _pass_through(sec: Section, builder: GraphBuilder) -> Node:
+    """A stand-in for a section that failed but keeps its input's shape, so later layers can be
+    checked in the same pass. Never converted: the build ends in an error."""
+    prev, shape = builder.previous(sec)
+    return Node(index=sec.index, kind=sec.type, section=sec, inputs=[prev], in_shapes=[shape], out_shape=shape)

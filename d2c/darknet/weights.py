@@ -69,12 +69,27 @@ def read_header(path: str | Path) -> WeightsHeader:
 
 
 def read_weights(path: str | Path, graph: Graph, *, allow_trailing: bool = False,
-                 upto: int | None = None) -> tuple[WeightsHeader, dict[int, dict[str, np.ndarray]]]:
+                 upto: int | None = None, trailing_hint: str = "use --allow-trailing to accept"
+                 ) -> tuple[WeightsHeader, dict[int, dict[str, np.ndarray]]]:
     """Map every layer's arrays (views into a read-only memory map) in cfg order.
 
     `upto` mirrors Darknet's load_weights_upto / partial loading: only layers < upto are read,
-    and the rest of the file is not checked.
+    and the rest of the file is not checked. `trailing_hint` is how the calling command accepts
+    extra bytes. When the size does not fit and the cfg has unknown keys, those are the likelier
+    cause (`filtres=16` leaves the default filter count), so the error names them first.
     """
+    try:
+        return _read_weights(path, graph, allow_trailing, upto, trailing_hint)
+    except WeightsError as exc:
+        if not graph.unknown_keys or "trailing" not in str(exc) and "ran out" not in str(exc):
+            raise
+        raise WeightsError(f"{graph.cfg.path}: the cfg has {len(graph.unknown_keys)} unknown key(s), and "
+                           f"{Path(path).name} does not fit the network they leave: fix the cfg first "
+                           f"(a misspelt key keeps its default)", [*graph.unknown_keys, str(exc)]) from None
+
+
+def _read_weights(path: str | Path, graph: Graph, allow_trailing: bool, upto: int | None,
+                  trailing_hint: str) -> tuple[WeightsHeader, dict[int, dict[str, np.ndarray]]]:
     p = Path(path)
     header = read_header(p)
     file_size = p.stat().st_size
@@ -104,7 +119,7 @@ def read_weights(path: str | Path, graph: Graph, *, allow_trailing: bool = False
     if upto is None and offset != file_size and not allow_trailing:
         raise WeightsError(f"{p}: {file_size - offset} trailing byte(s) after the last layer "
                            f"(expected {offset} bytes for this cfg, file has {file_size}); "
-                           f"wrong cfg? use --allow-trailing to accept")
+                           f"wrong cfg? {trailing_hint}")
     return header, out
 
 
