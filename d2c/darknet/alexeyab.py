@@ -243,6 +243,29 @@ class AlexeyABNet(DarknetNet):
                                f"{self.cfg_path} needs {needed}; Darknet would silently keep random "
                                "values for the rest (pass strict_weights=False for a partial backbone)")
 
+    def _truth_layout(self) -> tuple[int, int]:
+        """(max boxes, floats per box) of the heads: AlexeyAB leaves net->truths at 0; each head
+        reads l.truths = max_boxes * truth_size floats per image, truth_size 6 for [yolo]
+        (x, y, w, h, class, track id) and 5 for [region]."""
+        layers = [self.net.layers[i] for i in range(self.n_layers) if self.net.layers[i].truths > 0]
+        if not layers:
+            raise ParamError("this network has no truth input (no [yolo]/[region] head)")
+        size = max(int(l.truth_size) or 5 for l in layers)
+        return max(int(l.truths) // size for l in layers), size
+
+    def _check_truth(self, truth: Any, rows: int) -> np.ndarray:
+        """d2c's truth layout (rows, K*5: x, y, w, h, class per box, x == 0 ends the list, as for
+        Debian's engine) repacked into the engine's (rows, max_boxes*truth_size), track id 0."""
+        arr = np.asarray(truth, dtype=np.float32)
+        boxes, size = self._truth_layout()
+        if arr.ndim != 2 or arr.shape[0] != rows or arr.shape[1] % 5 or arr.shape[1] // 5 > boxes \
+                or not np.all(np.isfinite(arr)):
+            raise ParamError(f"truth has shape {arr.shape}; expected ({rows}, K*5) finite floats with "
+                             f"K <= {boxes} (per image: x, y, w, h, class per box, x == 0 ends the list)")
+        packed = np.zeros((rows, boxes, size), np.float32)
+        packed[:, :arr.shape[1] // 5, :5] = arr.reshape(rows, -1, 5)
+        return np.ascontiguousarray(packed.reshape(rows, boxes * size))
+
     # --- running -----------------------------------------------------------------------------
     def _state(self, x: np.ndarray, truth: np.ndarray | None, train: bool) -> Any:
         """A network_state over arrays kept alive on self (backward reuses the forward's state)."""
@@ -258,9 +281,7 @@ class AlexeyABNet(DarknetNet):
         arr = np.ascontiguousarray(self._check_input(x).reshape(n.batch, n.inputs))
         t = None
         if train:
-            t = (self._check_truth(truth, n.batch) if truth is not None
-                 else np.zeros((n.batch, n.truths), np.float32))
-            t = np.ascontiguousarray(t)
+            t = self._check_truth(truth if truth is not None else np.zeros((n.batch, 5), np.float32), n.batch)
         n.train = int(train)
         self._last_state = self._state(arr, t, train)
         with self._output():
