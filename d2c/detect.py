@@ -507,6 +507,9 @@ class Engine:
     def detect(self, image_path: str | Path, thresh: float = 0.25, hier: float = 0.5,
                nms: float = 0.45) -> tuple[list[Detection], tuple[int, int]]:
         """Darknet's test_detector for one image: letterbox, forward, boxes, do_nms_sort."""
+        if self.files.sidecar.get("flavor") == "alexeyab":   # its resize/letterbox rule and NMS kinds
+            from d2c.detect_alexeyab import detect_image
+            return detect_image(self, image_path, thresh, nms)
         image = load_image_rgb(image_path)
         _, im_h, im_w = image.shape
         net_w, net_h = self.files.input_size
