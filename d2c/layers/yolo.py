@@ -69,6 +69,7 @@ class Yolo(LayerConverter):
             "obj_normalizer": sec.get_float("obj_normalizer", 1.0),
             "cls_normalizer": sec.get_float("cls_normalizer", 1.0),
             "iou_thresh": sec.get_float("iou_thresh", 1.0),
+            "objectness_smooth": sec.get_int("objectness_smooth", 0),
             "max_delta": sec.get_float("max_delta", float("inf")) if sec.has("max_delta") else None,
             "beta_nms": sec.get_float("beta_nms", 0.6),
             "nms_kind": sec.get_str("nms_kind", "default"),
