@@ -11,7 +11,7 @@ export GLOG_minloglevel := 2
 setup: $(VENV)/.d2c-setup weights/yolov3-tiny.weights
 
 # Idempotent and fast when done: each step is keyed on a stamp and checks what is there.
-$(VENV)/.d2c-setup: pyproject.toml tools/setup.sh tools/build_caffe.sh $(wildcard tools/caffe_perf/*)
+$(VENV)/.d2c-setup: pyproject.toml tools/setup.sh tools/build_caffe.sh tools/build_alexeyab.sh $(wildcard tools/caffe_perf/*)
 	bash tools/setup.sh $(PY)
 	touch $@
 

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from d2c.child import Child
 from d2c.engines import caffe_build_info
 from d2c.errors import D2CError, EngineError, ParamError
 
@@ -588,7 +589,7 @@ def time_parity(work: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Workers: `python -c "from d2c.bench import _worker_main; _worker_main()"`, JSON lines on a pipe
+# Workers: a `_Handler` in a child process (d2c.child, the protocol the Darknet engines use too)
 # ----------------------------------------------------------------------------------------------
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
@@ -599,55 +600,15 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-class Worker:
-    """A child interpreter answering one JSON request per line; its stderr goes to a log file."""
+class Worker(Child):
+    """A child interpreter whose `_Handler` answers one request dict at a time; its output goes to a log."""
 
     def __init__(self, name: str, env: dict[str, str]) -> None:
-        self.name = name
-        self.log = tempfile.TemporaryFile(prefix=f"d2c-bench-{name}-")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from d2c.bench import _worker_main; _worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=_child_env(env),
-            text=True, bufsize=1)
+        super().__init__("d2c.bench:_Handler", name=f"bench worker '{name}'", env=env)
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        try:
-            self.proc.stdin.write(json.dumps(message) + "\n")
-            self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
-        except (BrokenPipeError, OSError):
-            line = ""
-        if not line:
-            code = self.proc.wait(timeout=30)
-            raise EngineError(f"bench worker '{self.name}' died (status {code}) during {message.get('op')}: "
-                              f"{self._log_tail()}")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise EngineError(f"bench worker '{self.name}': {reply.get('error')}")
-        return reply
-
-    def _log_tail(self) -> str:
-        self.log.seek(0)
-        text = self.log.read().decode(errors="replace").strip().splitlines()
-        return " | ".join(text[-5:]) or "(no output)"
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(BrokenPipeError, OSError, ValueError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.proc.stdin.flush()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError, ValueError):
-                if stream is not None:
-                    stream.close()
-        self.log.close()
+        """The handler's reply to {"op": ..., ...}; EngineError if it failed or the worker died."""
+        return {"ok": True, **self.call("handle", message)}
 
 
 def run_once(message: dict[str, Any]) -> dict[str, Any]:
@@ -679,6 +640,16 @@ class _Handler:
         self.profile_fn: Callable[[int], dict[str, Any]] | None = None
         self.train: Callable[[], float] | None = None
         self.timers: dict[str, float] = {"loss": 0.0, "bn": 0.0}
+
+    def handle(self, m: dict[str, Any]) -> dict[str, Any]:
+        """Dispatch one request by its "op"."""
+        ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "baseline": self.baseline, "convert": self.convert, "load": self.load,
+            "forward": self.do_forward, "profile": self.do_profile, "load_train": self.load_train,
+            "train": self.do_train}
+        if m.get("op") not in ops:
+            raise ParamError(f"unknown request {m.get('op')!r}")
+        return ops[m["op"]](m)
 
     # --- one-shot measurements --------------------------------------------------------------
     def baseline(self, m: dict[str, Any]) -> dict[str, Any]:
@@ -899,29 +870,6 @@ def blas_info() -> dict[str, Any]:
                             int(lib.openblas_get_parallel()), "unknown"))
             break
     return info
-
-
-def _worker_main() -> None:
-    """Child loop. Engine libraries print to stdout, so replies go to a private copy of fd 1."""
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    handler = _Handler()
-    ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-        "baseline": handler.baseline, "convert": handler.convert, "load": handler.load,
-        "forward": handler.do_forward, "profile": handler.do_profile, "load_train": handler.load_train, "train": handler.do_train}
-    for line in sys.stdin:
-        message = json.loads(line)
-        op = message.get("op")
-        if op == "quit":
-            break
-        try:
-            if op not in ops:
-                raise ParamError(f"unknown request {op!r}")
-            reply = {"ok": True, **ops[op](message)}
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises EngineError
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        replies.write(json.dumps(reply, default=_json_default) + "\n")
-    replies.close()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def make_sidecar(graph: Graph, em: Emitter, header: WeightsHeader) -> dict[str, 
         "cfg": str(graph.cfg.path),
         "flavor": graph.flavor,
         "input": {"name": "data", "channels": graph.net.channels, "height": graph.net.height,
-                  "width": graph.net.width},
+                  "width": graph.net.width, "letter_box": graph.net.section.get_int("letter_box", 0)},
         "bn": {"mode": "folded" if em.options.fold_bn else
                ("pjreddie sqrt(var)+1e-6" if graph.flavor == "pjreddie" else "alexeyab sqrt(var+1e-5)")},
         "fold_bn": em.options.fold_bn,

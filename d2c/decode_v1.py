@@ -21,17 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from d2c.numerics import softmax_darknet
+
 F32 = np.float32
 F64 = np.float64
 
 
-def decode_detection(raw: np.ndarray, head: dict[str, Any], thresh: float,
-                     softmax: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_detection(raw: np.ndarray, head: dict[str, Any], thresh: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Raw [detection] input (any shape holding side²·((1+coords)·num + classes) floats) ->
     (boxes (k, 4), objectness (k,), probs (k, classes)) in Darknet's order, k = side²·num.
-
-    `softmax` is the per-cell class softmax (Darknet's, as d2c.detect implements it); it is
-    only called when the head has softmax=1.
     """
     side, num, classes = int(head["side"]), int(head["num"]), int(head["classes"])
     coords = int(head.get("coords", 4))
@@ -46,9 +44,7 @@ def decode_detection(raw: np.ndarray, head: dict[str, Any], thresh: float,
         raise D2CError(f"[detection] head input has {flat.size} values, side/num/classes say {expected}")
     class_block = flat[:cells * classes].reshape(cells, classes)
     if int(head.get("softmax", 0)):
-        if softmax is None:
-            raise ValueError("softmax=1 needs the softmax function")
-        class_block = np.ascontiguousarray(softmax(class_block.T).T, dtype=F32)
+        class_block = np.ascontiguousarray(softmax_darknet(class_block.T).T, dtype=F32)
     scale = flat[cells * classes:cells * (classes + num)].reshape(cells, num)
     box = flat[cells * (classes + num):].reshape(cells, num, 4)
     cell = np.arange(cells)

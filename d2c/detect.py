@@ -161,11 +161,12 @@ def _decode_region(raw: np.ndarray, p: RegionParams, thresh: F32) -> _Batch:
 
 
 def decode_heads(outputs: dict[str, np.ndarray], sidecar: dict[str, Any], im_w: int, im_h: int,
-                 thresh: float, hier: float = 0.5) -> list[Detection]:
+                 thresh: float, hier: float = 0.5, letterboxed: bool = True) -> list[Detection]:
     """Darknet's get_network_boxes(relative=1) over the raw head inputs, in its order.
 
     `outputs` maps the sidecar's head blob names to (1, C, H, W) arrays; `im_w, im_h` is the
     original image size. `hier` only matters for hierarchical heads, which are rejected.
+    `letterboxed=False` (AlexeyAB's plain resize) leaves the boxes as decoded.
     """
     heads = sidecar.get("heads") or []
     if not heads:
@@ -193,7 +194,8 @@ def decode_heads(outputs: dict[str, np.ndarray], sidecar: dict[str, Any], im_w: 
                            "Darknet would overflow its probability arrays")
         probs = np.zeros((batch.probs.shape[0], alloc), dtype=F32)
         probs[:, :width] = batch.probs
-        boxes = _correct_boxes(batch.boxes, im_w, im_h, net_w, net_h, alexeyab and head["kind"] == "yolo")
+        boxes = (_correct_boxes(batch.boxes, im_w, im_h, net_w, net_h, alexeyab and head["kind"] == "yolo")
+                 if letterboxed else batch.boxes)
         for k in range(boxes.shape[0]):
             dets.append(Detection(bbox=boxes[k], objectness=F32(batch.objectness[k]), prob=probs[k],
                                   classes=batch.classes, head=position))
@@ -422,6 +424,9 @@ class Engine:
     def detect_image(self, image: np.ndarray, thresh: float = 0.25, hier: float = 0.5,
                      nms: float = 0.45) -> tuple[list[Detection], tuple[int, int]]:
         """The same on an image already loaded as (3, h, w) float32 RGB (a video frame, say)."""
+        if self.files.sidecar.get("flavor") == "alexeyab":   # its resize/letterbox rule and NMS kinds
+            from d2c.detect_alexeyab import detect_image
+            return detect_image(self, image, thresh, nms)
         _, im_h, im_w = image.shape
         net_w, net_h = self.files.input_size
         if any(h["kind"] == "detection" for h in self.files.sidecar["heads"]):
@@ -433,15 +438,13 @@ class Engine:
             dets = do_nms_sort(dets, self.files.classes, nms)
         return dets, (im_w, im_h)
 
-
     def _detect_yolov1(self, image: np.ndarray, thresh: float) -> list[Detection]:
         """YOLOv1 (`darknet yolo test`): stretch to the net size, boxes relative to the image."""
         from d2c.decode_v1 import decode_detection
         from d2c.image import resize_image
         (head,) = self.files.sidecar["heads"]
         outputs = self.forward(resize_image(image, *self.files.input_size))
-        boxes, objectness, probs = decode_detection(_head_input(outputs, head), head, thresh,
-                                                    softmax_channels)
+        boxes, objectness, probs = decode_detection(_head_input(outputs, head), head, thresh)
         return [Detection(bbox=boxes[k], objectness=objectness[k], prob=probs[k], classes=0)
                 for k in range(boxes.shape[0])]
 

@@ -63,6 +63,11 @@ def engine_info() -> dict[str, str]:
     info: dict[str, str] = {}
     info["darknet"] = (f"{DARKNET_LIB} (Debian package darknet {_dpkg_version('darknet')})"
                        if DARKNET_LIB.exists() else "missing: apt-get install darknet")
+    from d2c.darknet.alexeyab import version_info as alexeyab_info
+    ab = alexeyab_info()
+    info["alexeyab"] = (f"{ab['library']} (AlexeyAB commit {str(ab.get('commit', '?'))[:7]}, "
+                                f"{ab.get('make', '?')}, {ab.get('opts', '?')})" if ab["available"]
+                                else f"missing: {ab['error']}")
     try:
         caffe = import_caffe()
         version = getattr(caffe, "__version__", "1.0.0")

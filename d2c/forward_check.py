@@ -113,17 +113,19 @@ def prepare(cfg_path: str | Path, weights_path: str | Path | None, directory: Pa
 
 def compare_forward(cfg_path: str | Path, weights_path: str | Path | None = None, *, batch: int = 1,
                     seed: int = 0, x: np.ndarray | None = None, fold_bn: bool = False,
-                    with_opencv: bool = True) -> ForwardReport:
-    """Run Darknet and Caffe on the same input and compare every layer."""
+                    with_opencv: bool = True, engine: str = "debian") -> ForwardReport:
+    """Run Darknet (`engine`: debian or alexeyab) and Caffe on the same input and compare every layer."""
     from d2c.darknet.runtime import DarknetProcess
 
     with tempfile.TemporaryDirectory(prefix="d2c-fwd-") as tmp:
-        graph, header, arrays, wpath = prepare(cfg_path, weights_path, Path(tmp), seed=seed)
+        # The engine decides the semantics (BN epsilon, ...): AlexeyAB's engine runs every cfg its way.
+        flavor = "alexeyab" if engine == "alexeyab" else None
+        graph, header, arrays, wpath = prepare(cfg_path, weights_path, Path(tmp), seed=seed, flavor=flavor)
         x = random_input(graph, batch, seed) if x is None else x.astype(np.float32)
         batch = x.shape[0]
         conv = build_conversion(graph, arrays, header, ConvertOptions(flavor=graph.flavor, fold_bn=fold_bn,
                                                                       mode=DEPLOY, batch=batch))
-        with DarknetProcess(cfg_path, wpath, batch=batch) as dn:
+        with DarknetProcess(cfg_path, wpath, batch=batch, engine=engine) as dn:
             dn.forward(x)
             outputs = {node.index: dn.layer_output(node.index) for node in graph.nodes}
         report = compare_outputs(graph, conv, outputs, x)

@@ -98,6 +98,7 @@ class YoloParams:
     iou_thresh_kind: str = "iou"
     max_delta: float | None = math.inf     # None (JSON null): no clipping
     label_smooth_eps: float = 0.0
+    objectness_smooth: bool = False
 
     def __post_init__(self) -> None:
         owner = "[yolo] params"
@@ -136,7 +137,8 @@ class YoloParams:
         if self.flavor == "pjreddie":
             neutral = {"scale_x_y": 1.0, "new_coords": False, "iou_loss": "mse", "iou_normalizer": 1.0,
                        "obj_normalizer": 1.0, "cls_normalizer": 1.0, "iou_thresh": 1.0,
-                       "iou_thresh_kind": "iou", "max_delta": math.inf, "label_smooth_eps": 0.0}
+                       "iou_thresh_kind": "iou", "max_delta": math.inf, "label_smooth_eps": 0.0,
+                       "objectness_smooth": False}
             for key, value in neutral.items():
                 if getattr(self, key) != value:
                     raise ParamError(f"{owner}: key '{key}' = {getattr(self, key)!r} is AlexeyAB-only; "

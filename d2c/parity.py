@@ -51,6 +51,8 @@ class ParityReport:
     steps: int
     bn: str
     darknet_compat: bool
+    engine: str = "debian"
+    engine_reason: str = ""
     forward: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
     grad: dict[str, Any] = field(default_factory=dict)
@@ -69,7 +71,8 @@ class ParityReport:
                                          and self.update.get("stats_max_rel", np.inf) <= t["stats_max_rel"])))
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "cfg": self.cfg, "weights": self.weights, "batch": self.batch,
+        return {"ok": self.ok, "cfg": self.cfg, "weights": self.weights, "engine": self.engine,
+                "engine_reason": self.engine_reason, "batch": self.batch,
                 "subdivisions": self.subdivisions, "bn": self.bn, "darknet_compat": self.darknet_compat,
                 "forward": self.forward, "loss": self.loss, "grad": self.grad, "update": self.update,
                 "emulated_defects": self.emulated_defects, "tolerances": dict(TOLERANCES),
@@ -106,16 +109,16 @@ def training_cfg(cfg_path: str | Path, directory: Path, batch: int, subdivisions
     return path
 
 
-def _build_copy(cfg_path: str | Path, copy: Path) -> Graph:
+def _build_copy(cfg_path: str | Path, copy: Path, flavor: str | None = None) -> Graph:
     """Build the overridden copy; its errors must name the user's cfg, not a temporary file.
 
     A problem of the cfg itself is reported on the original (its own lines); one that only the
     overrides cause names the cfg and the overrides.
     """
     try:
-        return build_graph(parse_cfg(copy))
+        return build_graph(parse_cfg(copy), flavor)
     except D2CError as exc:
-        build_graph(parse_cfg(cfg_path))      # raises with the original file's lines if it is the cfg
+        build_graph(parse_cfg(cfg_path), flavor)      # raises with the original file's lines if it is the cfg
         first, *details = exc.render().replace(str(copy), str(cfg_path)).split("\n")
         raise type(exc)(f"with the --batch/--subdivisions/--size/--set overrides: {first}",
                         [d.strip() for d in details]) from None
@@ -251,8 +254,9 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
                truth_file: Path | None = None, batch: int = 2, subdivisions: int = 1, steps: int = 1,
                bn: str = "exact", darknet_compat: bool = True, seed: int = 0,
                size: tuple[int, int] | None = None, net_overrides: dict[str, str] | None = None,
-               progress: bool = False) -> ParityReport:
-    """The whole protocol; see the module docstring."""
+               progress: bool = False, engine: str | None = None) -> ParityReport:
+    """The whole protocol; see the module docstring. `engine`: debian, alexeyab, or None to pick
+    AlexeyAB's for cfgs only it can run (the reason is in the report)."""
     from d2c.caffe.runtime import caffe_forward, load_caffe
     from d2c.convert import build_conversion
     from d2c.darknet.runtime import DarknetProcess
@@ -265,7 +269,8 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
     with tempfile.TemporaryDirectory(prefix="d2c-parity-") as tmp_s:
         tmp = Path(tmp_s)
         cfg = training_cfg(cfg_path, tmp, batch, subdivisions, size, net_overrides)
-        graph = _build_copy(cfg_path, cfg)
+        engine, engine_reason = choose_engine(cfg, engine)
+        graph = _build_copy(cfg_path, cfg, "alexeyab" if engine == "alexeyab" else None)
         heads = graph.heads()
         if not heads or any(h.kind not in ("yolo", "region") for h in heads):
             raise D2CError(f"{cfg_path}: parity needs a cfg with [yolo] or [region] heads")
@@ -285,14 +290,18 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
         x_all = load_images([chosen[k % len(chosen)] for k in range(needed)], graph.net.width, graph.net.height)
         last = graph.nodes[-1]
         record_boxes = 30 if last.kind == "region" else 90
+        if engine == "alexeyab":
+            record_boxes = max(h.attrs["max_boxes"] for h in heads)   # its heads' `max` (default 200)
         classes = heads[0].attrs["classes"]
         truth_all = (truth_from_file(truth_file, needed, record_boxes, classes) if truth_file
                      else random_truth(needed, classes, record_boxes, seed + 1))
 
         report = ParityReport(cfg=str(cfg_path), weights=str(weights_path or f"random (seed {seed})"),
                               batch=batch, subdivisions=subdivisions, steps=steps, bn=bn,
-                              darknet_compat=darknet_compat)
-        with DarknetProcess(cfg, wfile, clear=True) as dn:
+                              darknet_compat=darknet_compat and engine == "debian", engine=engine,
+                              engine_reason=engine_reason)
+        darknet_compat_asked, darknet_compat = darknet_compat, report.darknet_compat   # each engine's own
+        with DarknetProcess(cfg, wfile, clear=True, engine=engine) as dn:
             # (1) forward, inference mode, first mini-batch.
             x0, t0 = x_all[:batch], truth_all[:batch]
             dn.forward(x0)
@@ -309,6 +318,9 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
                                                     darknet_compat=darknet_compat))
             if darknet_compat:
                 report.emulated_defects = emulate_darknet_defects(graph, train)
+            elif engine == "alexeyab" and darknet_compat_asked:
+                from d2c.alexeyab_cpu import emulate_alexeyab_cpu
+                report.emulated_defects = emulate_alexeyab_cpu(graph, train)
             net = load_caffe(train.net, phase="train")
             sgd = DarknetSGD(net, train, TrainConfig.from_section(graph.net.section, batch=batch))
             head_blobs = {h.index: h.blob for h in train.emitter.heads}
@@ -363,6 +375,21 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
     return report
 
 
+def choose_engine(cfg: Path, engine: str | None) -> tuple[str, str]:
+    """The engine to compare with, and why: as asked, else AlexeyAB's when the cfg needs it."""
+    from d2c.darknet.graph import infer_flavor
+
+    flavor, reason = infer_flavor(parse_cfg(cfg))
+    if engine is not None:
+        if engine == "debian" and flavor == "alexeyab":
+            raise D2CError(f"{cfg.name}: Debian's Darknet cannot run this cfg ({reason}); "
+                           "use --darknet-engine alexeyab")
+        return engine, "asked for"
+    if flavor == "alexeyab":
+        return "alexeyab", f"picked automatically: {reason}"
+    return "debian", "default"
+
+
 def head_gradients(dn, net, graph: Graph, conversion, batch: int) -> dict[str, dict[str, float]]:
     """Two checks per head after one training mini-batch.
 
@@ -393,6 +420,8 @@ def format_report(report: ParityReport) -> str:
     t = TOLERANCES
     mark = lambda ok: "ok" if ok else "FAIL"  # noqa: E731
     lines = [f"d2c parity: {report.cfg}  weights: {report.weights}",
+             f"  engine: {'AlexeyAB Darknet' if report.engine == 'alexeyab' else 'Debian Darknet'} "
+             f"({report.engine_reason})",
              f"  mini-batch b={report.batch}, subdivisions S={report.subdivisions}, steps={report.steps}, "
              f"BN={report.bn}, darknet-compat={'on' if report.darknet_compat else 'off'}",
              "", f"{'layer':>5}  {'type':14s} {'shape':22s} {'max abs':>10s} {'max rel':>10s}"]
@@ -436,6 +465,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and truth boxes (default 0)")
     p.add_argument("--set", dest="net_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [net] key in both engines, e.g. --set burn_in=0 --set learning_rate=0.01")
+    p.add_argument("--darknet-engine", choices=["debian", "alexeyab"], default=None,
+                   help="the real Darknet to compare with (default: Debian's, AlexeyAB's for cfgs that need it)")
     p.add_argument("--json", type=Path, help="write the full report as JSON")
 
 
@@ -456,7 +487,8 @@ def run(args: argparse.Namespace) -> int:
     report = run_parity(args.cfg, args.weights, net_overrides=overrides, images=args.images, truth_file=args.truth, batch=args.batch,
                         subdivisions=args.subdivisions, steps=args.steps, bn=args.bn,
                         darknet_compat=args.darknet_compat, seed=args.seed,
-                        size=tuple(args.size) if args.size else None, progress=sys.stderr.isatty())
+                        size=tuple(args.size) if args.size else None, progress=sys.stderr.isatty(),
+                        engine=args.darknet_engine)
     print(format_report(report))
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_json(), indent=1, default=float) + "\n")

@@ -22,7 +22,7 @@ from d2c.darknet.cfg import parse_cfg
 from d2c.darknet.graph import build_graph
 from d2c.darknet.weights import WeightsHeader, random_weights, write_weights
 from d2c.decode_v1 import decode_detection
-from d2c.detect import Detection, do_nms_sort, load_model_files, softmax_channels
+from d2c.detect import Detection, do_nms_sort, load_model_files
 from d2c.image import load_image_rgb, resize_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def case(request, tmp_path_factory) -> dict:
 
 
 def _ours(raw: np.ndarray, head: dict) -> list[Detection]:
-    boxes, obj, probs = decode_detection(raw, head, THRESH, softmax_channels)
+    boxes, obj, probs = decode_detection(raw, head, THRESH)
     return [Detection(bbox=boxes[k], objectness=obj[k], prob=probs[k], classes=0) for k in range(len(obj))]
 
 

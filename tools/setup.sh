@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fresh-machine setup: Debian's Darknet, the project venv, pycaffe (built once, cached), d2c itself.
+# Fresh-machine setup: Debian's Darknet, the project venv, pycaffe and AlexeyAB's Darknet (built once,
+# cached), d2c itself.
 set -euo pipefail
 PY=${1:-python3}
 cd "$(dirname "$0")/.."
@@ -21,4 +22,6 @@ if [ -f "$site/d2c_caffe.pth" ] || ! .venv/bin/python -c 'import caffe' >/dev/nu
   caffe_py=$(bash tools/build_caffe.sh "$(pwd)/.venv/bin/python")
   echo "$caffe_py" > "$site/d2c_caffe.pth"
 fi
+# AlexeyAB's Darknet (the second real engine, for v4/v7-era cfgs): built once into the cache.
+bash tools/build_alexeyab.sh >/dev/null
 GLOG_minloglevel=2 .venv/bin/python -c 'import caffe, d2c, cv2; print("[setup] caffe, d2c and OpenCV", cv2.__version__, "import fine")'

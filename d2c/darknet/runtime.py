@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
-import pickle
-import signal
 import struct
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from d2c import errors
+from d2c.child import Child
 from d2c.darknet.cfg import parse_cfg
 from d2c.darknet.header import CHeader, load_header
 from d2c.errors import (CfgError, D2CError, DatasetError, EngineError, ParamError,
@@ -117,7 +116,7 @@ class _Library:
             self.dll = ctypes.CDLL(str(self.path))
         except OSError as exc:
             raise EngineError(f"cannot load {self.path}: {exc}; {INSTALL_HINT}") from exc
-        self.libc = ctypes.CDLL(None)
+        self.libc = _libc()
         net_p = ctypes.POINTER(self.Network)
         f_p = ctypes.POINTER(ctypes.c_float)
         det_p = ctypes.POINTER(self.Detection)
@@ -151,7 +150,6 @@ class _Library:
                 raise EngineError(f"{self.path} does not export {name}(); is it pjreddie's Darknet?") from exc
             func.argtypes = argtypes
             func.restype = restype
-        self.libc.fflush.argtypes = [ctypes.c_void_p]
 
     def layer_type(self, value: int) -> str:
         return self.header.enum_name("LAYER_TYPE", value)
@@ -171,6 +169,14 @@ def _library() -> _Library:
     return _LIBRARY
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library (for fflush) without loading any Darknet: each engine's prints go through it."""
+    libc = ctypes.CDLL(None)
+    libc.fflush.argtypes = [ctypes.c_void_p]
+    return libc
+
+
 def denormals_flushed() -> bool:
     """True if this process flushes float32 denormals (FTZ/DAZ), e.g. after loading Darknet."""
     tiny = np.array([1e-40], dtype=np.float32)
@@ -184,10 +190,10 @@ def _c_output_to(path: str | None) -> Iterator[None]:
     Why at fd level: Darknet prints with printf/fprintf, which Python's sys.stdout never sees.
     C stdio buffers are flushed before the fds are restored so nothing leaks out later.
     """
-    lib = _library()
+    libc = _libc()
     sys.stdout.flush()
     sys.stderr.flush()
-    lib.libc.fflush(None)
+    libc.fflush(None)
     saved = [os.dup(1), os.dup(2)]
     target = os.open(path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
@@ -195,7 +201,7 @@ def _c_output_to(path: str | None) -> Iterator[None]:
         os.dup2(target, 2)
         yield
     finally:
-        lib.libc.fflush(None)
+        libc.fflush(None)
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         for fd in (*saved, target):
@@ -754,8 +760,9 @@ class DarknetNet:
 
 
 # ----------------------------------------------------------------------------------------------
-# The same API in a child process
+# The same API in a child process, for either engine
 # ----------------------------------------------------------------------------------------------
+ENGINES = ("debian", "alexeyab")
 _WORKER_METHODS = frozenset({
     "layer_info", "net_info", "forward", "backward", "update", "layer_output", "layer_delta",
     "layer_params", "layer_updates", "set_layer_params", "param_count", "cost", "layer_cost",
@@ -764,252 +771,53 @@ _WORKER_METHODS = frozenset({
 })
 
 
-def _send(fd: int, message: Any) -> None:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    data = struct.pack("<Q", len(payload)) + payload
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def open_engine(engine: str, cfg: str | Path, weights: str | Path | None = None, **kwargs: Any) -> DarknetNet:
+    """A network of the named engine in this process: Debian's libdarknet.so or AlexeyAB's build."""
+    if engine == "alexeyab":
+        from d2c.darknet.alexeyab import AlexeyABNet  # noqa: PLC0415 - its library loads on demand
+        return AlexeyABNet(cfg, weights, **kwargs)
+    if engine != "debian":
+        raise ParamError(f"unknown Darknet engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if kwargs.pop("fuse_bn", False):
+        raise ParamError("fuse_bn is an option of the AlexeyAB engine (Debian's detector does not fuse)")
+    return DarknetNet(cfg, weights, **kwargs)
 
 
-def _recv(fd: int) -> Any:
-    """Read one length-prefixed pickle; EOFError if the other side is gone."""
-    def read_exact(size: int) -> bytes:
-        chunks, left = [], size
-        while left:
-            chunk = os.read(fd, min(left, 1 << 24))
-            if not chunk:
-                raise EOFError
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    (size,) = struct.unpack("<Q", read_exact(8))
-    return pickle.loads(read_exact(size))  # only ever from our own worker/parent pipe
+class DarknetProcess(Child):
+    """`DarknetNet` (or `AlexeyABNet` with engine="alexeyab") in a child process, so this process
+    keeps IEEE denormals and survives the engine's crashes.
 
-
-def _worker_main() -> None:
-    """Child-process loop: build a DarknetNet, then answer method calls until told to stop."""
-    read_fd, write_fd = int(sys.argv[1]), int(sys.argv[2])
-    net: DarknetNet | None = None
-    while True:
-        try:
-            message = _recv(read_fd)
-        except EOFError:
-            break
-        op = message[0]
-        try:
-            if op == "init":
-                _, cfg, weights, kwargs = message
-                net = DarknetNet(cfg, weights, **kwargs)
-                result: Any = {"n_layers": net.n_layers}
-            elif op == "close":
-                if net is not None:
-                    net.close()
-                _send(write_fd, ("ok", None))
-                break
-            elif op == "call" and net is not None and message[1] in _WORKER_METHODS:
-                _, name, args, kwargs = message
-                result = getattr(net, name)(*args, **kwargs)
-            else:
-                raise EngineError(f"Darknet worker: unknown request {op!r}")
-            _send(write_fd, ("ok", result))
-        except D2CError as exc:
-            _send(write_fd, ("error", type(exc).__name__, str(exc), exc.problems))
-        except Exception as exc:  # noqa: BLE001 - reported to the parent as an EngineError
-            _send(write_fd, ("error", "EngineError", f"Darknet worker: {type(exc).__name__}: {exc}", []))
-
-
-class DarknetProcess:
-    """`DarknetNet` running in a child Python process, so this process keeps IEEE denormals.
-
-    Same methods and arguments; arrays come back as numpy copies. Darknet's prints go to a log
-    file when `quiet` (the default); if the engine crashes (exit(), SIGSEGV, SIGFPE...) the call
-    raises EngineError with the exit status and the end of that log, and the object is dead.
+    Same methods and arguments (see `_WORKER_METHODS`); arrays come back as numpy copies. Darknet's
+    prints go to a log file when `quiet` (the default); a crash (exit(), SIGSEGV, SIGFPE...) raises
+    EngineError with the exit status and the end of that log, and the object is dead.
     """
 
-    def __init__(self, cfg: str | Path, weights: str | Path | None = None, *, batch: int | None = None,
-                 clear: bool = False, strict_weights: bool = True, quiet: bool = True) -> None:
-        self._proc: subprocess.Popen | None = None
-        self._dead: str | None = None
-        cfg_path = _check_cfg(cfg)        # fail early, in this process, with the file named
+    def __init__(self, cfg: str | Path, weights: str | Path | None = None, *, engine: str = "debian",
+                 batch: int | None = None, clear: bool = False, strict_weights: bool = True,
+                 quiet: bool = True, **engine_options: Any) -> None:
+        if engine not in ENGINES:
+            raise ParamError(f"unknown Darknet engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        if engine == "debian":
+            cfg_path = _check_cfg(cfg)        # fail early, in this process, with the file named
+            library_path()
+            header_path()
+        else:
+            from d2c.darknet.alexeyab import _check_cfg as check_alexeyab_cfg, build_dir  # noqa: PLC0415
+            cfg_path = check_alexeyab_cfg(cfg)
+            build_dir()
         weights_path = _check_file(weights, "weights", WeightsError) if weights is not None else None
-        library_path()
-        header_path()
-        self._log = tempfile.NamedTemporaryFile(prefix="d2c-darknet-", suffix=".log", delete=False)
-        self.log_path = Path(self._log.name)
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        output = self._log if quiet else None
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-c", "from d2c.darknet.runtime import _worker_main; _worker_main()",
-                 str(to_child_r), str(from_child_w)],
-                pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
-                stdout=output, stderr=output, env=env, close_fds=True)
-        finally:
-            os.close(to_child_r)
-            os.close(from_child_w)
-        self._to_child, self._from_child = to_child_w, from_child_r
-        kwargs = {"batch": batch, "clear": clear, "strict_weights": strict_weights, "quiet": False}
-        try:
-            info = self._request(("init", str(cfg_path), None if weights_path is None else str(weights_path), kwargs),
-                                 "loading the network")
-        except BaseException:
-            self.close()
-            raise
-        self.n_layers: int = info["n_layers"]
+        self.engine = engine
         self.cfg_path, self.weights_path = cfg_path, weights_path
+        super().__init__("d2c.darknet.runtime:open_engine", engine, str(cfg_path),
+                         None if weights_path is None else str(weights_path),
+                         name="Darknet" if engine == "debian" else "AlexeyAB Darknet", quiet=quiet,
+                         batch=batch, clear=clear, strict_weights=strict_weights, **engine_options)
+        self.n_layers: int = self.call("n_layers")
 
-    # --- transport -----------------------------------------------------------------------
-    def _log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
-
-    def _request(self, message: tuple, what: str) -> Any:
-        if self._dead:
-            raise EngineError(f"Darknet worker is no longer running ({self._dead})")
-        if self._proc is None:
-            raise EngineError("Darknet worker was closed")
-        try:
-            _send(self._to_child, message)
-            reply = _recv(self._from_child)
-        except (EOFError, BrokenPipeError, OSError):
-            self._dead = self._death_reason()
-            tail = self._log_tail()
-            raise EngineError(f"Darknet crashed while {what}: {self._dead}"
-                              + (f"; last output:\n{tail}" if tail else "")) from None
-        if reply[0] == "ok":
-            return reply[1]
-        _, name, text, problems = reply
-        cls = getattr(errors, name, None)
-        if not (isinstance(cls, type) and issubclass(cls, D2CError)):
-            cls = EngineError
-        raise cls(text, problems)
-
-    def _death_reason(self) -> str:
-        assert self._proc is not None
-        try:
-            code = self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            code = self._proc.wait()
-        if code < 0:
-            try:
-                return f"killed by signal {signal.Signals(-code).name}"
-            except ValueError:
-                return f"killed by signal {-code}"
-        return f"process exited with status {code}"
-
-    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self._request(("call", name, args, kwargs), f"running {name}()")
-
-    def close(self) -> None:
-        """Stop the child (asks it to free the network first). Safe to call twice."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None and not self._dead:
-                with contextlib.suppress(EOFError, OSError):
-                    _send(self._to_child, ("close",))
-                    _recv(self._from_child)
-            with contextlib.suppress(OSError):
-                os.close(self._to_child)
-            with contextlib.suppress(OSError):
-                os.close(self._from_child)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            with contextlib.suppress(OSError):
-                self.log_path.unlink()
-            self._log = None
+    def __getattr__(self, name: str) -> Any:
+        if name in _WORKER_METHODS:
+            return functools.partial(self.call, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __enter__(self) -> DarknetProcess:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
-
-    # --- the DarknetNet API ----------------------------------------------------------------
-    def denormals_flushed(self) -> bool:
-        return self._call("denormals_flushed")
-
-    def net_info(self) -> dict[str, Any]:
-        return self._call("net_info")
-
-    def layer_info(self, i: int) -> dict[str, Any]:
-        return self._call("layer_info", i)
-
-    def forward(self, x: Any, train: bool = False, truth: Any | None = None) -> None:
-        self._call("forward", np.asarray(x), train, None if truth is None else np.asarray(truth))
-
-    def backward(self) -> None:
-        self._call("backward")
-
-    def update(self) -> None:
-        self._call("update")
-
-    def layer_output(self, i: int) -> np.ndarray:
-        return self._call("layer_output", i)
-
-    def layer_delta(self, i: int) -> np.ndarray:
-        return self._call("layer_delta", i)
-
-    def layer_params(self, i: int) -> dict[str, np.ndarray]:
-        return self._call("layer_params", i)
-
-    def layer_updates(self, i: int) -> dict[str, np.ndarray]:
-        return self._call("layer_updates", i)
-
-    def set_layer_params(self, i: int, **arrays: Any) -> None:
-        self._call("set_layer_params", i, **{k: np.asarray(v) for k, v in arrays.items()})
-
-    def param_count(self) -> int | None:
-        return self._call("param_count")
-
-    def cost(self) -> float:
-        return self._call("cost")
-
-    def layer_cost(self, i: int) -> float:
-        return self._call("layer_cost", i)
-
-    def train_step(self, x: Any, truth: Any) -> float:
-        return self._call("train_step", np.asarray(x), np.asarray(truth))
-
-    def train_datum(self, x: Any, truth: Any) -> float:
-        return self._call("train_datum", np.asarray(x), np.asarray(truth))
-
-    def seen(self) -> int:
-        return self._call("seen")
-
-    def set_seen(self, value: int) -> None:
-        self._call("set_seen", value)
-
-    def current_rate(self) -> float:
-        return self._call("current_rate")
-
-    def current_batch(self) -> int:
-        return self._call("current_batch")
-
-    def save_weights(self, path: str | Path) -> None:
-        self._call("save_weights", str(Path(path).absolute()))
-
-    def detect(self, image_path: str | Path, thresh: float = 0.25, hier: float = 0.5,
-               nms: float = 0.45) -> list[dict[str, Any]]:
-        return self._call("detect", str(Path(image_path).absolute()), thresh, hier, nms)
-
-    def letterbox(self, image_path: str | Path) -> np.ndarray:
-        return self._call("letterbox", str(Path(image_path).absolute()))

@@ -75,6 +75,7 @@ class Yolo(LayerConverter):
             "iou_thresh_kind": sec.get_str("iou_thresh_kind", yolo_default("iou_thresh_kind", flavor)),
             "label_smooth_eps": number("label_smooth_eps"),
             "max_delta": number("max_delta") if sec.has("max_delta") else None,
+            "objectness_smooth": sec.get_int("objectness_smooth", 0),
             "beta_nms": sec.get_float("beta_nms", 0.6),
             "nms_kind": sec.get_str("nms_kind", "default"),
         }

@@ -469,13 +469,21 @@ def _yolo_loss_alexeyab(z5: np.ndarray, records: np.ndarray, p: YoloParams) -> L
             best_t = np.zeros((n, H, W), np.int64)
             best_match_iou = best_iou
         db[:, 4] = obj_norm * (F32(0) - ob[:, 4])
-        db[:, 4] = np.where(best_match_iou > ignore, F32(0), db[:, 4])
+        if p.objectness_smooth:   # above ignore_thresh: pull towards the IoU, if that is the larger delta
+            smooth = obj_norm * (best_match_iou - ob[:, 4])
+            db[:, 4] = np.where((best_match_iou > ignore) & (smooth > db[:, 4]), smooth, db[:, 4])
+        else:
+            db[:, 4] = np.where(best_match_iou > ignore, F32(0), db[:, 4])
         for s_n, s_j, s_i in zip(*np.nonzero(best_iou > truth_thresh)):
             t = int(best_t[s_n, s_j, s_i])
             base = hd.base(b, int(s_n), int(s_j), int(s_i))
             obj = base + 4 * hw
-            hd.df[obj] = obj_norm * (F32(1) - hd.of[obj])
+            iou_multiplier = best_iou[s_n, s_j, s_i] * best_iou[s_n, s_j, s_i]
+            hd.df[obj] = obj_norm * ((iou_multiplier if p.objectness_smooth else F32(1)) - hd.of[obj])
             _ab_class_delta(hd, base + 5 * hw, int(classes_t[t]), p, None)
+            if p.objectness_smooth:
+                hit = base + (5 + int(classes_t[t])) * hw
+                hd.df[hit] = iou_multiplier - hd.of[hit]
             tx, ty, tw, th = (F32(v) for v in boxes[t, :4])
             _ab_box_delta(hd, base, int(s_i), int(s_j), int(mask[s_n]), Box(tx, ty, tw, th),
                           F32(2) - tw * th, p)
@@ -489,7 +497,10 @@ def _yolo_loss_alexeyab(z5: np.ndarray, records: np.ndarray, p: YoloParams) -> L
             img_giou_loss = F32(img_giou_loss + (F32(1) - ious["giou"]))
             obj = base + 4 * hw
             avg_obj.append(hd.of[obj])
-            hd.df[obj] = F32(1.0) * obj_norm * (F32(1) - hd.of[obj])
+            if not p.objectness_smooth:
+                hd.df[obj] = F32(1.0) * obj_norm * (F32(1) - hd.of[obj])
+            elif hd.df[obj] == 0:     # objectness_smooth keeps a delta set above (ignore/IoU pull)
+                hd.df[obj] = F32(1.0) * obj_norm * (F32(1) - hd.of[obj])
             _ab_class_delta(hd, base + 5 * hw, cls, p, avg_cat)
             count += 1
             class_count += 1
