@@ -1,11 +1,9 @@
-"""Caffe model files without pycaffe: the caffe.proto subset d2c uses, on the protobuf runtime.
+"""Caffe model files without pycaffe or protoc: the caffe.proto subset d2c uses, on the protobuf runtime.
 
-Why a schema of our own: converting a model must not need a Caffe build or protoc. SCHEMA below
-is the part of caffe.proto that d2c writes or reads, with Caffe's own field numbers and types
-(tests/test_caffe_proto.py checks it against pycaffe's generated descriptors); it becomes a
-protobuf descriptor at import. protobuf then does the typing, the wire format and the text
-format. Only blob data bypasses it: protobuf turns a packed float field into one Python float
-per value, so blob payloads go from numpy buffers to the file, and back, untouched.
+SCHEMA is the part of caffe.proto d2c writes or reads, with Caffe's field numbers and types (checked
+against pycaffe's descriptors in tests/test_caffe_proto.py); it becomes a descriptor at import and
+protobuf does typing, wire format and text format. Only blob data bypasses it, because protobuf
+handles packed floats one Python float at a time: blob payloads go between numpy and the file untouched.
 """
 from __future__ import annotations
 
@@ -26,11 +24,8 @@ from google.protobuf.message import DecodeError, Message
 from d2c.errors import CfgError, D2CError, ParamError, WeightsError
 from d2c.fsutil import atomic_write, atomic_write_text
 
-__all__ = [
-    "CaffeLayer", "CaffeNet", "PrototxtError", "MESSAGES",
-    "to_prototxt", "write_prototxt", "write_caffemodel", "read_caffemodel", "read_caffemodel_net",
-    "parse_prototxt", "net_from_prototxt", "solver_to_prototxt",
-]
+__all__ = ["CaffeLayer", "CaffeNet", "PrototxtError", "MESSAGES", "to_prototxt", "write_prototxt", "write_caffemodel",
+           "read_caffemodel", "read_caffemodel_net", "parse_prototxt", "net_from_prototxt", "solver_to_prototxt"]
 
 
 class PrototxtError(CfgError):
@@ -58,127 +53,97 @@ class CaffeNet:
     layers: list[CaffeLayer]
 
 
-# Declaration order is the prototxt order (Caffe's own); the binary form is in field-number order.
-# Engine is one shared enum here (Caffe repeats the same values inside each layer's message).
+# Proto2 syntax with `optional` left out. Declaration order is the prototxt order (Caffe's own); the
+# binary form is in field-number order. Engine is one shared enum here (Caffe nests a copy per layer).
 SCHEMA = """
 enum Phase { TRAIN = 0; TEST = 1; }
 enum Engine { DEFAULT = 0; CAFFE = 1; CUDNN = 2; }
 message BlobShape { repeated int64 dim = 1 [packed = true]; }
-message BlobProto {
-  optional BlobShape shape = 7; repeated float data = 5 [packed = true]; repeated float diff = 6 [packed = true];
-  repeated double double_data = 8 [packed = true]; repeated double double_diff = 9 [packed = true];
-  optional int32 num = 1; optional int32 channels = 2; optional int32 height = 3; optional int32 width = 4; }
-message FillerParameter {
-  optional string type = 1; optional float value = 2; optional float min = 3; optional float max = 4;
-  optional float mean = 5; optional float std = 6; optional int32 sparse = 7;
-  enum VarianceNorm { FAN_IN = 0; FAN_OUT = 1; AVERAGE = 2; } optional VarianceNorm variance_norm = 8; }
-message NetParameter {
-  optional string name = 1; repeated string input = 3; repeated BlobShape input_shape = 8;
-  repeated int32 input_dim = 4; optional bool force_backward = 5; optional NetState state = 6;
-  optional bool debug_info = 7; repeated LayerParameter layer = 100; }
-message NetState { optional Phase phase = 1; optional int32 level = 2; repeated string stage = 3; }
-message NetStateRule {
-  optional Phase phase = 1; optional int32 min_level = 2; optional int32 max_level = 3;
-  repeated string stage = 4; repeated string not_stage = 5; }
-message ParamSpec {
-  optional string name = 1; enum DimCheckMode { STRICT = 0; PERMISSIVE = 1; }
-  optional DimCheckMode share_mode = 2; optional float lr_mult = 3; optional float decay_mult = 4; }
-message LayerParameter {
-  optional string name = 1; optional string type = 2; repeated string bottom = 3; repeated string top = 4;
-  optional Phase phase = 10; repeated float loss_weight = 5; repeated ParamSpec param = 6;
-  repeated BlobProto blobs = 7; repeated bool propagate_down = 11;
-  repeated NetStateRule include = 8; repeated NetStateRule exclude = 9;
-  optional LossParameter loss_param = 101; optional BatchNormParameter batch_norm_param = 139;
-  optional BiasParameter bias_param = 141; optional ConcatParameter concat_param = 104;
-  optional ConvolutionParameter convolution_param = 106; optional CropParameter crop_param = 144;
-  optional DropoutParameter dropout_param = 108; optional EltwiseParameter eltwise_param = 110;
-  optional FlattenParameter flatten_param = 135; optional InnerProductParameter inner_product_param = 117;
-  optional InputParameter input_param = 143; optional PoolingParameter pooling_param = 121;
-  optional PowerParameter power_param = 122; optional PythonParameter python_param = 130;
-  optional ReLUParameter relu_param = 123; optional ReshapeParameter reshape_param = 133;
-  optional ScaleParameter scale_param = 142; optional SigmoidParameter sigmoid_param = 124;
-  optional SoftmaxParameter softmax_param = 125; optional SliceParameter slice_param = 126;
-  optional SwishParameter swish_param = 147; optional TanHParameter tanh_param = 127; }
-message LossParameter {
-  optional int32 ignore_label = 1; enum NormalizationMode { FULL = 0; VALID = 1; BATCH_SIZE = 2; NONE = 3; }
-  optional NormalizationMode normalization = 3; optional bool normalize = 2; }
-message BatchNormParameter {
-  optional bool use_global_stats = 1; optional float moving_average_fraction = 2; optional float eps = 3; }
-message BiasParameter { optional int32 axis = 1; optional int32 num_axes = 2; optional FillerParameter filler = 3; }
-message ConcatParameter { optional int32 axis = 2; optional uint32 concat_dim = 1; }
-message ConvolutionParameter {
-  optional uint32 num_output = 1; optional bool bias_term = 2; repeated uint32 pad = 3;
-  repeated uint32 kernel_size = 4; repeated uint32 stride = 6; repeated uint32 dilation = 18;
-  optional uint32 pad_h = 9; optional uint32 pad_w = 10; optional uint32 kernel_h = 11; optional uint32 kernel_w = 12;
-  optional uint32 stride_h = 13; optional uint32 stride_w = 14; optional uint32 group = 5;
-  optional FillerParameter weight_filler = 7; optional FillerParameter bias_filler = 8;
-  optional Engine engine = 15; optional int32 axis = 16; optional bool force_nd_im2col = 17; }
-message CropParameter { optional int32 axis = 1; repeated uint32 offset = 2; }
-message DropoutParameter { optional float dropout_ratio = 1; }
-message EltwiseParameter {
-  enum EltwiseOp { PROD = 0; SUM = 1; MAX = 2; }
-  optional EltwiseOp operation = 1; repeated float coeff = 2; optional bool stable_prod_grad = 3; }
-message FlattenParameter { optional int32 axis = 1; optional int32 end_axis = 2; }
-message InnerProductParameter {
-  optional uint32 num_output = 1; optional bool bias_term = 2; optional FillerParameter weight_filler = 3;
-  optional FillerParameter bias_filler = 4; optional int32 axis = 5; optional bool transpose = 6; }
+message BlobProto { BlobShape shape = 7; repeated float data = 5 [packed = true];
+  repeated float diff = 6 [packed = true]; repeated double double_data = 8 [packed = true];
+  repeated double double_diff = 9 [packed = true]; int32 num = 1; int32 channels = 2; int32 height = 3; int32 width = 4; }
+message FillerParameter { string type = 1; float value = 2; float min = 3; float max = 4; float mean = 5;
+  float std = 6; int32 sparse = 7; enum VarianceNorm { FAN_IN = 0; FAN_OUT = 1; AVERAGE = 2; }
+  VarianceNorm variance_norm = 8; }
+message NetParameter { string name = 1; repeated string input = 3; repeated BlobShape input_shape = 8;
+  repeated int32 input_dim = 4; bool force_backward = 5; NetState state = 6; bool debug_info = 7;
+  repeated LayerParameter layer = 100; }
+message NetState { Phase phase = 1; int32 level = 2; repeated string stage = 3; }
+message NetStateRule { Phase phase = 1; int32 min_level = 2; int32 max_level = 3; repeated string stage = 4;
+  repeated string not_stage = 5; }
+message ParamSpec { string name = 1; enum DimCheckMode { STRICT = 0; PERMISSIVE = 1; } DimCheckMode share_mode = 2;
+  float lr_mult = 3; float decay_mult = 4; }
+message LayerParameter { string name = 1; string type = 2; repeated string bottom = 3; repeated string top = 4;
+  Phase phase = 10; repeated float loss_weight = 5; repeated ParamSpec param = 6; repeated BlobProto blobs = 7;
+  repeated bool propagate_down = 11; repeated NetStateRule include = 8; repeated NetStateRule exclude = 9;
+  LossParameter loss_param = 101; BatchNormParameter batch_norm_param = 139; BiasParameter bias_param = 141;
+  ConcatParameter concat_param = 104; ConvolutionParameter convolution_param = 106; CropParameter crop_param = 144;
+  DropoutParameter dropout_param = 108; EltwiseParameter eltwise_param = 110; FlattenParameter flatten_param = 135;
+  InnerProductParameter inner_product_param = 117; InputParameter input_param = 143;
+  PoolingParameter pooling_param = 121; PowerParameter power_param = 122; PythonParameter python_param = 130;
+  ReLUParameter relu_param = 123; ReshapeParameter reshape_param = 133; ScaleParameter scale_param = 142;
+  SigmoidParameter sigmoid_param = 124; SoftmaxParameter softmax_param = 125; SliceParameter slice_param = 126;
+  SwishParameter swish_param = 147; TanHParameter tanh_param = 127; }
+message LossParameter { int32 ignore_label = 1;
+  enum NormalizationMode { FULL = 0; VALID = 1; BATCH_SIZE = 2; NONE = 3; } NormalizationMode normalization = 3;
+  bool normalize = 2; }
+message BatchNormParameter { bool use_global_stats = 1; float moving_average_fraction = 2; float eps = 3; }
+message BiasParameter { int32 axis = 1; int32 num_axes = 2; FillerParameter filler = 3; }
+message ConcatParameter { int32 axis = 2; uint32 concat_dim = 1; }
+message ConvolutionParameter { uint32 num_output = 1; bool bias_term = 2; repeated uint32 pad = 3;
+  repeated uint32 kernel_size = 4; repeated uint32 stride = 6; repeated uint32 dilation = 18; uint32 pad_h = 9;
+  uint32 pad_w = 10; uint32 kernel_h = 11; uint32 kernel_w = 12; uint32 stride_h = 13; uint32 stride_w = 14;
+  uint32 group = 5; FillerParameter weight_filler = 7; FillerParameter bias_filler = 8; Engine engine = 15;
+  int32 axis = 16; bool force_nd_im2col = 17; }
+message CropParameter { int32 axis = 1; repeated uint32 offset = 2; }
+message DropoutParameter { float dropout_ratio = 1; }
+message EltwiseParameter { enum EltwiseOp { PROD = 0; SUM = 1; MAX = 2; } EltwiseOp operation = 1;
+  repeated float coeff = 2; bool stable_prod_grad = 3; }
+message FlattenParameter { int32 axis = 1; int32 end_axis = 2; }
+message InnerProductParameter { uint32 num_output = 1; bool bias_term = 2; FillerParameter weight_filler = 3;
+  FillerParameter bias_filler = 4; int32 axis = 5; bool transpose = 6; }
 message InputParameter { repeated BlobShape shape = 1; }
-message PoolingParameter {
-  enum PoolMethod { MAX = 0; AVE = 1; STOCHASTIC = 2; } optional PoolMethod pool = 1;
-  optional uint32 pad = 4; optional uint32 pad_h = 9; optional uint32 pad_w = 10;
-  optional uint32 kernel_size = 2; optional uint32 kernel_h = 5; optional uint32 kernel_w = 6;
-  optional uint32 stride = 3; optional uint32 stride_h = 7; optional uint32 stride_w = 8;
-  optional Engine engine = 11; optional bool global_pooling = 12;
-  enum RoundMode { CEIL = 0; FLOOR = 1; } optional RoundMode round_mode = 13; }
-message PowerParameter { optional float power = 1; optional float scale = 2; optional float shift = 3; }
-message PythonParameter {
-  optional string module = 1; optional string layer = 2; optional string param_str = 3;
-  optional bool share_in_parallel = 4; }
-message ReLUParameter { optional float negative_slope = 1; optional Engine engine = 2; }
-message ReshapeParameter { optional BlobShape shape = 1; optional int32 axis = 2; optional int32 num_axes = 3; }
-message ScaleParameter {
-  optional int32 axis = 1; optional int32 num_axes = 2; optional FillerParameter filler = 3;
-  optional bool bias_term = 4; optional FillerParameter bias_filler = 5; }
-message SigmoidParameter { optional Engine engine = 1; }
-message SoftmaxParameter { optional Engine engine = 1; optional int32 axis = 2; }
-message SliceParameter { optional int32 axis = 3; repeated uint32 slice_point = 2; optional uint32 slice_dim = 1; }
-message SwishParameter { optional float beta = 1; }
-message TanHParameter { optional Engine engine = 1; }
-message SolverParameter {
-  optional string net = 24; optional string train_net = 1; repeated string test_net = 2;
-  repeated int32 test_iter = 3; optional int32 test_interval = 4; optional bool test_initialization = 32;
-  optional float base_lr = 5; optional int32 display = 6; optional int32 average_loss = 33;
-  optional int32 max_iter = 7; optional int32 iter_size = 36; optional string lr_policy = 8;
-  optional float gamma = 9; optional float power = 10; optional float momentum = 11;
-  optional float weight_decay = 12; optional string regularization_type = 29; optional int32 stepsize = 13;
-  repeated int32 stepvalue = 34; optional float clip_gradients = 35; optional int32 snapshot = 14;
-  optional string snapshot_prefix = 15; optional bool snapshot_diff = 16;
-  enum SnapshotFormat { HDF5 = 0; BINARYPROTO = 1; } optional SnapshotFormat snapshot_format = 37;
-  enum SolverMode { CPU = 0; GPU = 1; } optional SolverMode solver_mode = 17; optional int32 device_id = 18;
-  optional int64 random_seed = 20; optional string type = 40; optional float delta = 31;
-  optional float momentum2 = 39; optional float rms_decay = 38; optional bool debug_info = 23;
-  optional bool snapshot_after_train = 28;
+message PoolingParameter { enum PoolMethod { MAX = 0; AVE = 1; STOCHASTIC = 2; } PoolMethod pool = 1; uint32 pad = 4;
+  uint32 pad_h = 9; uint32 pad_w = 10; uint32 kernel_size = 2; uint32 kernel_h = 5; uint32 kernel_w = 6;
+  uint32 stride = 3; uint32 stride_h = 7; uint32 stride_w = 8; Engine engine = 11; bool global_pooling = 12;
+  enum RoundMode { CEIL = 0; FLOOR = 1; } RoundMode round_mode = 13; }
+message PowerParameter { float power = 1; float scale = 2; float shift = 3; }
+message PythonParameter { string module = 1; string layer = 2; string param_str = 3; bool share_in_parallel = 4; }
+message ReLUParameter { float negative_slope = 1; Engine engine = 2; }
+message ReshapeParameter { BlobShape shape = 1; int32 axis = 2; int32 num_axes = 3; }
+message ScaleParameter { int32 axis = 1; int32 num_axes = 2; FillerParameter filler = 3; bool bias_term = 4;
+  FillerParameter bias_filler = 5; }
+message SigmoidParameter { Engine engine = 1; }
+message SoftmaxParameter { Engine engine = 1; int32 axis = 2; }
+message SliceParameter { int32 axis = 3; repeated uint32 slice_point = 2; uint32 slice_dim = 1; }
+message SwishParameter { float beta = 1; }
+message TanHParameter { Engine engine = 1; }
+message SolverParameter { string net = 24; string train_net = 1; repeated string test_net = 2;
+  repeated int32 test_iter = 3; int32 test_interval = 4; bool test_initialization = 32; float base_lr = 5;
+  int32 display = 6; int32 average_loss = 33; int32 max_iter = 7; int32 iter_size = 36; string lr_policy = 8;
+  float gamma = 9; float power = 10; float momentum = 11; float weight_decay = 12; string regularization_type = 29;
+  int32 stepsize = 13; repeated int32 stepvalue = 34; float clip_gradients = 35; int32 snapshot = 14;
+  string snapshot_prefix = 15; bool snapshot_diff = 16; enum SnapshotFormat { HDF5 = 0; BINARYPROTO = 1; }
+  SnapshotFormat snapshot_format = 37; enum SolverMode { CPU = 0; GPU = 1; } SolverMode solver_mode = 17;
+  int32 device_id = 18; int64 random_seed = 20; string type = 40; float delta = 31; float momentum2 = 39;
+  float rms_decay = 38; bool debug_info = 23; bool snapshot_after_train = 28;
   enum SolverType { SGD = 0; NESTEROV = 1; ADAGRAD = 2; RMSPROP = 3; ADADELTA = 4; ADAM = 5; }
-  optional SolverType solver_type = 30; optional bool layer_wise_reduce = 41; repeated string weights = 42; }
-message V1LayerParameter {
-  repeated string bottom = 2; repeated string top = 3; optional string name = 4;
+  SolverType solver_type = 30; bool layer_wise_reduce = 41; repeated string weights = 42; }
+message V1LayerParameter { repeated string bottom = 2; repeated string top = 3; string name = 4;
   enum LayerType { NONE = 0; ABSVAL = 35; ACCURACY = 1; ARGMAX = 30; BNLL = 2; CONCAT = 3; CONTRASTIVE_LOSS = 37;
-    CONVOLUTION = 4; DATA = 5; DECONVOLUTION = 39; DROPOUT = 6; DUMMY_DATA = 32; EUCLIDEAN_LOSS = 7;
-    ELTWISE = 25; EXP = 38; FLATTEN = 8; HDF5_DATA = 9; HDF5_OUTPUT = 10; HINGE_LOSS = 28; IM2COL = 11;
-    IMAGE_DATA = 12; INFOGAIN_LOSS = 13; INNER_PRODUCT = 14; LRN = 15; MEMORY_DATA = 29;
-    MULTINOMIAL_LOGISTIC_LOSS = 16; MVN = 34; POOLING = 17; POWER = 26; RELU = 18; SIGMOID = 19;
-    SIGMOID_CROSS_ENTROPY_LOSS = 27; SILENCE = 36; SOFTMAX = 20; SOFTMAX_LOSS = 21; SPLIT = 22;
-    SLICE = 33; TANH = 23; WINDOW_DATA = 24; THRESHOLD = 31; }
-  optional LayerType type = 5; repeated BlobProto blobs = 6; }
+    CONVOLUTION = 4; DATA = 5; DECONVOLUTION = 39; DROPOUT = 6; DUMMY_DATA = 32; EUCLIDEAN_LOSS = 7; ELTWISE = 25;
+    EXP = 38; FLATTEN = 8; HDF5_DATA = 9; HDF5_OUTPUT = 10; HINGE_LOSS = 28; IM2COL = 11; IMAGE_DATA = 12;
+    INFOGAIN_LOSS = 13; INNER_PRODUCT = 14; LRN = 15; MEMORY_DATA = 29; MULTINOMIAL_LOGISTIC_LOSS = 16; MVN = 34;
+    POOLING = 17; POWER = 26; RELU = 18; SIGMOID = 19; SIGMOID_CROSS_ENTROPY_LOSS = 27; SILENCE = 36; SOFTMAX = 20;
+    SOFTMAX_LOSS = 21; SPLIT = 22; SLICE = 33; TANH = 23; WINDOW_DATA = 24; THRESHOLD = 31; }
+  LayerType type = 5; repeated BlobProto blobs = 6; }
 """
-# V1 type enum names whose current type string is not simply the CamelCase of the words.
+# V1 type names whose current type string is not the CamelCase of their words.
 _V1_NAMES = {"ABSVAL": "AbsVal", "ARGMAX": "ArgMax", "BNLL": "BNLL", "HDF5_DATA": "HDF5Data", "LRN": "LRN",
-             "HDF5_OUTPUT": "HDF5Output", "IM2COL": "Im2col", "MVN": "MVN", "RELU": "ReLU", "SOFTMAX_LOSS": "SoftmaxWithLoss",
-             "TANH": "TanH"}
-
-_DECL = re.compile(r"message (\w+) \{|enum (\w+) \{([^}]*)\}|(optional|repeated) (\w+) (\w+) = (\d+)"
-                   r"( \[packed = true\])?;|\}")
-_SCALARS = {"double": 1, "float": 2, "int64": 3, "int32": 5, "bool": 8, "string": 9, "bytes": 12, "uint32": 13}
+             "HDF5_OUTPUT": "HDF5Output", "IM2COL": "Im2col", "MVN": "MVN", "RELU": "ReLU", "TANH": "TanH",
+             "SOFTMAX_LOSS": "SoftmaxWithLoss"}
+_DECL = re.compile(r"message (\w+) \{|enum (\w+) \{([^}]*)\}|(repeated )?(\w+) (\w+) = (\d+)( \[packed = true\])?;|\}")
+_SCALARS = {"double": 1, "float": 2, "int64": 3, "int32": 5, "bool": 8, "string": 9, "uint32": 13}
 
 
 def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
@@ -186,23 +151,21 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     proto = descriptor_pb2.FileDescriptorProto(name="d2c_caffe.proto", package="caffe", syntax="proto2")
     message = None
     for match in _DECL.finditer(SCHEMA):
-        msg_name, enum_name, values, label, kind, name, number, packed = match.groups()
-        if msg_name:
-            message = proto.message_type.add(name=msg_name)
-        elif enum_name:
+        msg_name, enum_name, values, repeated, kind, name, number, packed = match.groups()
+        if enum_name:
             enum = (message.enum_type if message else proto.enum_type).add(name=enum_name)
             for value, value_number in re.findall(r"(\w+) = (\d+)", values):
                 enum.value.add(name=value, number=int(value_number))
-        elif label:
-            fld = message.field.add(name=name, number=int(number), label=3 if label == "repeated" else 1)
+        elif name:
+            fld = message.field.add(name=name, number=int(number), label=3 if repeated else 1)
             nested = any(e.name == kind for e in message.enum_type)
             fld.type = _SCALARS.get(kind) or (14 if nested or any(e.name == kind for e in proto.enum_type) else 11)
             if kind not in _SCALARS:
                 fld.type_name = f".caffe.{message.name}.{kind}" if nested else f".caffe.{kind}"
             if packed:
                 fld.options.packed = True
-        else:
-            message = None
+        else:  # a message opens or closes
+            message = proto.message_type.add(name=msg_name) if msg_name else None
     return proto
 
 
@@ -210,147 +173,96 @@ def _message_classes() -> dict[str, type[Message]]:
     pool = descriptor_pool.DescriptorPool()  # our own pool: no clash with pycaffe's caffe_pb2
     proto = _file_descriptor()
     pool.AddSerializedFile(proto.SerializeToString())
-    make = getattr(message_factory, "GetMessageClass", None)  # protobuf >= 4.21; older: a factory
-    make = make or message_factory.MessageFactory(pool).GetPrototype
+    make = getattr(message_factory, "GetMessageClass", None) or message_factory.MessageFactory(pool).GetPrototype
     return {m.name: make(pool.FindMessageTypeByName(f"caffe.{m.name}")) for m in proto.message_type}
 
 
 MESSAGES = _message_classes()
+_HAS_IS_REPEATED = hasattr(FieldDescriptor, "is_repeated")  # protobuf >= 5; older ones have `label`
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_WANTED = {FieldDescriptor.CPPTYPE_BOOL: "true/false", FieldDescriptor.CPPTYPE_STRING: "a string",
-           FieldDescriptor.CPPTYPE_FLOAT: "a number", FieldDescriptor.CPPTYPE_DOUBLE: "a number"}
+_WANTED = {FieldDescriptor.CPPTYPE_BOOL: "true/false", FieldDescriptor.CPPTYPE_STRING: "a string"}
 
 
 def _repeated(fld: FieldDescriptor) -> bool:
     return fld.is_repeated if _HAS_IS_REPEATED else fld.label == fld.LABEL_REPEATED
 
 
-_HAS_IS_REPEATED = hasattr(FieldDescriptor, "is_repeated")  # protobuf >= 5; older ones have `label`
-
-
-# --------------------------------------------------------------------------------------------
-# dicts -> messages (strict: every key and value is checked, errors name the field path)
-# --------------------------------------------------------------------------------------------
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
+# dicts -> messages. protobuf rejects wrong types and out-of-range integers itself, but would turn
+# 0 into false, True into 1.0 and 1e39 into inf (and its wording for a non-string is poor): ours.
 def _scalar(fld: FieldDescriptor, value: Any, where: str) -> Any:
-    """`value` checked for `fld` as a plain Python value (enum names become numbers)."""
-    if fld.enum_type is not None:
-        names = [v.name for v in fld.enum_type.values]
-        number = fld.enum_type.values_by_name[value].number if isinstance(value, str) and value in names else value
-        if _is_int(number) and int(number) in fld.enum_type.values_by_number:
-            return int(number)
-        raise ParamError(f"{where}: '{value}' is not one of {', '.join(names)}")
-    cpp = fld.cpp_type
-    if cpp == FieldDescriptor.CPPTYPE_BOOL:
-        ok = isinstance(value, (bool, np.bool_))
-    elif cpp == FieldDescriptor.CPPTYPE_STRING:
-        ok = isinstance(value, str)
-    elif cpp in (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE):
-        ok = _is_int(value) or isinstance(value, (float, np.floating))
-    else:
-        ok = _is_int(value)
-    if not ok:
-        raise ParamError(f"{where}: expected {_WANTED.get(cpp, 'an integer')}, got {value!r}")
-    if cpp == FieldDescriptor.CPPTYPE_FLOAT and math.isfinite(value) and abs(value) > _FLOAT32_MAX:
+    """`value` checked for `fld`, as a plain Python value (enum names become numbers)."""
+    if fld.enum_type is not None and isinstance(value, str):
+        if value not in fld.enum_type.values_by_name:
+            raise ParamError(f"{where}: '{value}' is not one of {', '.join(v.name for v in fld.enum_type.values)}")
+        return fld.enum_type.values_by_name[value].number
+    if isinstance(value, (bool, np.bool_)) != (fld.cpp_type == FieldDescriptor.CPPTYPE_BOOL) \
+            or (fld.cpp_type == FieldDescriptor.CPPTYPE_STRING and not isinstance(value, str)):
+        raise ParamError(f"{where}: expected {_WANTED.get(fld.cpp_type, 'a number')}, got {value!r}")
+    if fld.cpp_type == FieldDescriptor.CPPTYPE_FLOAT and isinstance(value, (int, float, np.number)) \
+            and math.isfinite(value) and abs(value) > _FLOAT32_MAX:
         raise ParamError(f"{where}: {float(value)!r} does not fit a 32-bit float")
     return value.item() if isinstance(value, np.generic) else value
 
 
 def _fill(msg: Message, values: Mapping[str, Any], where: str) -> Message:
-    """Set the fields of `msg` from a dict (repeated fields: lists, or one scalar)."""
-    kind = msg.DESCRIPTOR.name
+    """Set the fields of `msg` from a dict (a repeated field takes a list or one value; None: unset)."""
+    kind, fields = msg.DESCRIPTOR.name, msg.DESCRIPTOR.fields_by_name
     if not isinstance(values, Mapping):
         raise ParamError(f"{where}: expected a {kind} as a dict, got {values!r}")
-    fields = msg.DESCRIPTOR.fields_by_name
     unknown = [str(key) for key in values if key not in fields]
     if unknown:
         raise ParamError(f"{where}: unknown {kind} field(s) {', '.join(unknown)}")
     msg.SetInParent()
     for key, value in values.items():
-        fld, path = fields[key], f"{where}.{key}"
-        if value is None:
-            continue
-        if not _repeated(fld):
-            if isinstance(value, (list, tuple, np.ndarray)):
-                raise ParamError(f"{path}: {kind}.{key} is not repeated, got a list")
-            items = [value]
-        elif isinstance(value, np.ndarray) and fld.message_type is None:
-            items = value.ravel().tolist()
-        else:
-            items = list(value) if isinstance(value, (list, tuple)) else [value]
+        fld, path, repeated = fields[key], f"{where}.{key}", _repeated(fields[key])
+        if not repeated and isinstance(value, (list, tuple, np.ndarray)):
+            raise ParamError(f"{path}: {kind}.{key} is not repeated, got a list")
+        items = ([] if value is None else value.ravel().tolist() if isinstance(value, np.ndarray)
+                 else list(value) if isinstance(value, (list, tuple)) else [value])
         if fld.message_type is not None:
             for item in items:
-                _fill(getattr(msg, key).add() if _repeated(fld) else getattr(msg, key), item, path)
+                _fill(getattr(msg, key).add() if repeated else getattr(msg, key), item, path)
             continue
         checked = [_scalar(fld, item, path) for item in items]
         try:
-            if _repeated(fld):
+            if repeated:
                 getattr(msg, key).extend(checked)
-            else:
+            elif checked:
                 setattr(msg, key, checked[0])
-        except (TypeError, ValueError) as exc:  # protobuf's own checks: integer ranges, bad UTF-8
+        except (TypeError, ValueError) as exc:
             raise ParamError(f"{path}: {exc}") from None
     return msg
 
 
-def _layer_where(layer: CaffeLayer) -> str:
-    return f"layer '{layer.name}' ({layer.type})"
-
-
 def _layer_message(layer: CaffeLayer) -> Message:
     """name/type/bottom/top plus params as one LayerParameter (blobs excluded)."""
-    where = _layer_where(layer)
-    for attr in ("name", "type"):
-        if not isinstance(getattr(layer, attr), str) or not getattr(layer, attr):
-            raise ParamError(f"{where}: a layer needs a non-empty {attr}")
+    where = f"layer '{layer.name}' ({layer.type})"
     clash = [key for key in ("name", "type", "bottom", "top", "blobs") if key in layer.params]
     if clash:
         raise ParamError(f"{where}: params must not contain {', '.join(clash)} (they are CaffeLayer attributes)")
-    for attr in ("bottom", "top"):
-        names = getattr(layer, attr)
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise ParamError(f"{where}: {attr} must be a list of blob names, got {names!r}")
-    values = {"name": layer.name, "type": layer.type, "bottom": list(layer.bottom), "top": list(layer.top)}
-    return _fill(MESSAGES["LayerParameter"](), {**values, **layer.params}, where)
+    if not (layer.name and layer.type):
+        raise ParamError(f"{where}: a layer needs a non-empty name and type")
+    values = {"name": layer.name, "type": layer.type, "bottom": layer.bottom, "top": layer.top, **layer.params}
+    return _fill(MESSAGES["LayerParameter"](), values, where)
 
 
 def _all_layers(net: CaffeNet) -> list[CaffeLayer]:
     """`inputs` as leading Input layers (the modern form; legacy input/input_dim is never written)."""
-    layers = []
-    for entry in net.inputs:
-        try:
-            blob, shape = entry
-            dims = [int(d) for d in shape]
-        except (TypeError, ValueError) as exc:
-            raise ParamError(f"net '{net.name}': input {entry!r} is not (name, shape)") from exc
-        if not isinstance(blob, str) or not blob or any(d < 0 for d in dims):
+    inputs = [entry if isinstance(entry, (tuple, list)) and len(entry) == 2 else (None, ()) for entry in net.inputs]
+    for (blob, shape), entry in zip(inputs, net.inputs):
+        if not isinstance(blob, str) or not isinstance(shape, (tuple, list)) \
+                or any(d < 0 for d in shape if isinstance(d, (int, np.integer))):
             raise ParamError(f"net '{net.name}': input {entry!r} needs a name and a non-negative shape")
-        layers.append(CaffeLayer(blob, "Input", [], [blob], {"input_param": {"shape": [{"dim": dims}]}}))
-    return [*layers, *net.layers]
+    return [*(CaffeLayer(blob, "Input", [], [blob], {"input_param": {"shape": [{"dim": list(shape)}]}})
+              for blob, shape in inputs), *net.layers]
 
 
-def _net_message(net: CaffeNet) -> Message:
-    """The NetParameter without blobs."""
-    pb = _fill(MESSAGES["NetParameter"](), {"name": net.name or None}, f"net '{net.name}'")
-    pb.layer.extend(_layer_message(layer) for layer in _all_layers(net))
-    return pb
-
-
-# --------------------------------------------------------------------------------------------
-# Text format
-# --------------------------------------------------------------------------------------------
-
-def _text(msg: Message) -> str:
-    return text_format.MessageToString(msg, as_utf8=True, use_index_order=True)
-
-
+# Text format: protobuf's, with fields in declaration order.
 def to_prototxt(net: CaffeNet) -> str:
     """Deploy/train prototxt text (no blobs), fields in caffe.proto order, 2-space indent."""
-    return _text(_net_message(net))
+    pb = _fill(MESSAGES["NetParameter"](), {"name": net.name or None}, f"net '{net.name}'")
+    pb.layer.extend(_layer_message(layer) for layer in _all_layers(net))
+    return text_format.MessageToString(pb, as_utf8=True, use_index_order=True)
 
 
 def write_prototxt(net: CaffeNet, path: str | Path) -> None:
@@ -360,30 +272,25 @@ def write_prototxt(net: CaffeNet, path: str | Path) -> None:
 
 def solver_to_prototxt(fields: Mapping[str, Any], comments: list[str] | tuple[str, ...] = ()) -> str:
     """SolverParameter text preceded by '# ' comment lines (e.g. how each value was derived)."""
-    lines = [f"# {line}".rstrip() for comment in comments for line in str(comment).splitlines() or [""]]
-    return "".join(f"{line}\n" for line in lines) + _text(_fill(MESSAGES["SolverParameter"](), fields, "solver"))
-
-
-def _parse_text(text: str, path: str, message: str) -> Message:
-    msg = MESSAGES[message]()
-    try:
-        text_format.Parse(text, msg)
-    except text_format.ParseError as exc:
-        line = exc.GetLine() or 1
-        quoted = f"'{text.splitlines()[line - 1]}': " if line <= len(text.splitlines()) else ""
-        reason = re.sub(r"^\d+:\d+ : ", "", str(exc)).removeprefix(quoted)  # not the whole line again
-        if message == "NetParameter" and 'named "layers"' in reason:
-            reason += " (a V1 net: upgrade it with Caffe's upgrade_net_proto_text tool first)"
-        raise PrototxtError(f"{path}:{line}:{exc.GetColumn() or 1}: {reason}") from None
-    return msg
+    lines = [f"# {line}".rstrip() + "\n" for comment in comments for line in str(comment).splitlines() or [""]]
+    solver = _fill(MESSAGES["SolverParameter"](), fields, "solver")
+    return "".join(lines) + text_format.MessageToString(solver, as_utf8=True, use_index_order=True)
 
 
 def parse_prototxt(text: str, path: str = "<prototxt>", message: str = "NetParameter") -> dict:
     """Protobuf text format -> nested dicts (repeated fields -> lists, enums as names, floats as
     the shortest decimal of their float32). Errors name `path:line:column`."""
-    if message not in MESSAGES:
-        raise ValueError(f"unknown message type {message}")
-    return _to_dict(_parse_text(text, path, message), path, PrototxtError)
+    msg = MESSAGES[message]()
+    try:
+        text_format.Parse(text, msg)
+    except text_format.ParseError as exc:
+        line, lines = exc.GetLine() or 1, text.splitlines()
+        quoted = f"'{lines[line - 1]}': " if line <= len(lines) else ""  # protobuf repeats the whole line
+        reason = re.sub(r"^\d+:\d+ : ", "", str(exc)).removeprefix(quoted)
+        if 'named "layers"' in reason:
+            reason += " (a V1 net: upgrade it with Caffe's upgrade_net_proto_text tool first)"
+        raise PrototxtError(f"{path}:{line}:{exc.GetColumn() or 1}: {reason}") from None
+    return _to_dict(msg, path, PrototxtError)
 
 
 def net_from_prototxt(text: str, path: str = "<prototxt>") -> CaffeNet:
@@ -392,31 +299,24 @@ def net_from_prototxt(text: str, path: str = "<prototxt>") -> CaffeNet:
     return _to_net(net, [(layer, layer.pop("blobs", [])) for layer in net.pop("layer", [])], path, PrototxtError)
 
 
-# --------------------------------------------------------------------------------------------
-# messages -> dicts and CaffeNets
-# --------------------------------------------------------------------------------------------
-
+# messages -> dicts -> CaffeNets
 def _value(fld: FieldDescriptor, value: Any, where: str, error: type[D2CError]) -> Any:
+    if fld.message_type is not None and fld.message_type.name == "BlobProto":
+        return _blob(value, np.asarray(value.data or value.double_data, np.float32), where, error)
     if fld.message_type is not None:
-        if fld.message_type.name == "BlobProto":
-            return _blob(value, np.asarray(value.data or value.double_data, np.float32), where, error)
         return _to_dict(value, where, error)
     if fld.enum_type is not None:
         return fld.enum_type.values_by_number[value].name
     if fld.cpp_type == FieldDescriptor.CPPTYPE_FLOAT:
         return float(str(np.float32(value)))  # 0.1 reads back as 0.1, not 0.10000000149011612
-    if isinstance(value, bytes):  # a proto2 string that is not UTF-8
+    if isinstance(value, bytes):  # upb hands out a proto2 string that is not UTF-8 as bytes
         raise error(f"{where}.{fld.name}: text is not UTF-8")
     return value
 
 
-def _to_dict(msg: Message, where: str, error: type[D2CError], skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for fld, value in msg.ListFields():
-        if fld.name not in skip:
-            out[fld.name] = ([_value(fld, v, where, error) for v in value] if _repeated(fld)
-                             else _value(fld, value, where, error))
-    return out
+def _to_dict(msg: Message, where: str, error: type[D2CError]) -> dict[str, Any]:
+    return {fld.name: [_value(fld, v, where, error) for v in value] if _repeated(fld)
+            else _value(fld, value, where, error) for fld, value in msg.ListFields()}
 
 
 def _blob(pb: Message, data: np.ndarray, where: str, error: type[D2CError]) -> np.ndarray:
@@ -427,10 +327,8 @@ def _blob(pb: Message, data: np.ndarray, where: str, error: type[D2CError]) -> n
         shape = (pb.num, pb.channels, pb.height, pb.width)
     else:
         return data  # no shape at all: keep the values flat
-    if any(d < 0 for d in shape):
-        raise error(f"{where}: negative blob dimension in shape {shape}")
-    if data.size != math.prod(shape):
-        raise error(f"{where}: blob shape {shape} needs {math.prod(shape)} values, the file has {data.size}")
+    if any(d < 0 for d in shape) or data.size != math.prod(shape):
+        raise error(f"{where}: blob shape {shape} does not fit the {data.size} values in the file")
     return data.reshape(shape)
 
 
@@ -439,12 +337,10 @@ def _to_net(net: dict[str, Any], layers: list[tuple[dict[str, Any], list[np.ndar
     """NetParameter dicts -> CaffeNet; plain Input layers and legacy input fields become `inputs`."""
     names, dims = net.get("input", []), net.get("input_dim", [])
     shapes = [tuple(s.get("dim", [])) for s in net.get("input_shape", [])]
-    if names and not shapes and dims:
-        if len(dims) != 4 * len(names):
-            raise error(f"{where}: {len(dims)} input_dim values for {len(names)} inputs (4 each are needed)")
+    if names and not shapes and len(dims) == 4 * len(names):
         shapes = [tuple(dims[4 * i:4 * i + 4]) for i in range(len(names))]
     if len(shapes) != len(names):
-        raise error(f"{where}: {len(names)} inputs but {len(shapes)} input shapes")
+        raise error(f"{where}: {len(names)} inputs but {len(shapes)} input shapes ({len(dims)} input_dim values)")
     inputs, out = list(zip(names, shapes)), []
     for index, (params, blobs) in enumerate(layers):
         for key in ("name", "type"):
@@ -455,22 +351,15 @@ def _to_net(net: dict[str, Any], layers: list[tuple[dict[str, Any], list[np.ndar
         if kind == "Input" and set(params) == {"input_param"} and set(params["input_param"]) == {"shape"} \
                 and not bottom and top and len(shapes) in (1, len(top)):
             inputs += [(blob, tuple(shapes[i if len(shapes) > 1 else 0].get("dim", []))) for i, blob in enumerate(top)]
-            continue
-        out.append(CaffeLayer(name, kind, bottom, top, params, blobs))
+        else:
+            out.append(CaffeLayer(name, kind, bottom, top, params, blobs))
     return CaffeNet(net.get("name", ""), inputs, out)
 
 
-# --------------------------------------------------------------------------------------------
-# Binary: protobuf for every message, raw bytes for blob data
-# --------------------------------------------------------------------------------------------
-
+# Binary: protobuf for every message; blob data straight between numpy buffers and the file.
 def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    """protobuf's own varint encoding: the payload of a one-value packed int64 field."""
+    return MESSAGES["BlobShape"](dim=[value]).SerializeToString()[2:]
 
 
 def _read_varint(buf: memoryview, pos: int, end: int, where: str) -> tuple[int, int]:
@@ -479,10 +368,9 @@ def _read_varint(buf: memoryview, pos: int, end: int, where: str) -> tuple[int, 
         if pos >= end:
             raise WeightsError(f"{where}: truncated varint at byte {pos}")
         result |= (buf[pos] & 0x7F) << shift
-        pos += 1
+        pos, shift = pos + 1, shift + 7
         if not buf[pos - 1] & 0x80:
             return result, pos
-        shift += 7
     raise WeightsError(f"{where}: varint longer than 10 bytes at byte {pos}")
 
 
@@ -492,16 +380,12 @@ def _fields(buf: memoryview, pos: int, end: int, where: str) -> Iterator[tuple[i
         start = pos
         key, pos = _read_varint(buf, pos, end, where)
         number, wire = key >> 3, key & 7
-        if number == 0:
-            raise WeightsError(f"{where}: invalid field number 0 at byte {start}")
-        if wire == 0:
-            size = _read_varint(buf, pos, end, where)[1] - pos
-        elif wire == 2:
+        if number == 0 or wire not in (0, 1, 2, 5):
+            raise WeightsError(f"{where}: invalid field number {number} or wire type {wire} at byte {start}")
+        if wire == 2:
             size, pos = _read_varint(buf, pos, end, where)
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
         else:
-            raise WeightsError(f"{where}: unsupported wire type {wire} for field {number} at byte {start}")
+            size = _read_varint(buf, pos, end, where)[1] - pos if wire == 0 else 8 if wire == 1 else 4
         if pos + size > end:
             raise WeightsError(f"{where}: field {number} at byte {start} runs past the end ({size} bytes "
                                f"needed, {end - pos} left); the file is truncated")
@@ -509,7 +393,7 @@ def _fields(buf: memoryview, pos: int, end: int, where: str) -> Iterator[tuple[i
         pos += size
 
 
-def _parse(message: str, data: bytes | bytearray, where: str) -> Message:
+def _parse(message: str, data: bytes | bytearray | memoryview, where: str) -> Message:
     msg = MESSAGES[message]()
     try:
         msg.ParseFromString(bytes(data))
@@ -518,27 +402,23 @@ def _parse(message: str, data: bytes | bytearray, where: str) -> Message:
     return msg
 
 
-def _blob_parts(blob: Any, where: str) -> list[bytes | memoryview]:
-    """LayerParameter.blobs entry: BlobProto {data: packed floats, shape}, data as a zero-copy view."""
-    arr = np.asarray(blob)
-    if arr.dtype.kind not in "fiub":
-        raise ParamError(f"{where}: blob dtype {arr.dtype} is not numeric")
-    arr = np.asarray(arr, dtype="<f4", order="C")  # ascontiguousarray would make 0-d arrays 1-d
-    shape = MESSAGES["BlobShape"](dim=arr.shape).SerializeToString()
-    data = memoryview(arr.reshape(-1)).cast("B")
-    head = b"\x2a" + _varint(data.nbytes) if arr.size else b""  # field 5, length-delimited
-    tail = b"\x3a" + _varint(len(shape)) + shape                 # field 7 (after 5: number order)
-    return [b"\x3a" + _varint(len(head) + data.nbytes + len(tail)) + head, data, tail]
-
-
 def _layer_parts(layer: CaffeLayer) -> list[bytes | memoryview]:
-    """One NetParameter.layer entry: protobuf's bytes with the blobs (field 7) slotted in order."""
+    """One NetParameter.layer entry: protobuf's bytes, with each blob (field 7) slotted into
+    field-number order as BlobProto {data (5): packed floats from the array's own buffer, shape (7)}."""
     body = _layer_message(layer).SerializeToString()
-    cut = next((start for number, _, start, _, _ in _fields(memoryview(body), 0, len(body), "")
-                if number > 7), len(body))
+    cut = next((start for number, _, start, _, _ in _fields(memoryview(body), 0, len(body), "") if number > 7),
+               len(body))
     parts: list[bytes | memoryview] = [body[:cut]]
     for index, blob in enumerate(layer.blobs):
-        parts += _blob_parts(blob, f"{_layer_where(layer)} blob {index}")
+        arr = np.asarray(blob)
+        if arr.dtype.kind not in "fiub":
+            raise ParamError(f"layer '{layer.name}' ({layer.type}) blob {index}: blob dtype {arr.dtype} is not numeric")
+        arr = np.asarray(arr, dtype="<f4", order="C")  # ascontiguousarray would make 0-d arrays 1-d
+        shape = MESSAGES["BlobShape"](dim=arr.shape).SerializeToString()
+        data = memoryview(arr.reshape(-1)).cast("B")
+        head = b"\x2a" + _varint(len(data)) if arr.size else b""
+        tail = b"\x3a" + _varint(len(shape)) + shape
+        parts += [b"\x3a" + _varint(len(head) + len(data) + len(tail)) + head, data, tail]
     parts.append(body[cut:])
     return [b"\xa2\x06" + _varint(sum(len(p) for p in parts)), *parts]
 
@@ -563,21 +443,20 @@ def write_caffemodel(net: CaffeNet, path: str | Path) -> None:
 
 
 def _read_blob(buf: memoryview, a: int, b: int, where: str) -> np.ndarray:
-    """A BlobProto with packed data read straight into numpy; protobuf parses everything else."""
+    """A BlobProto: packed data (5) or double_data (8) read straight into numpy, the rest by protobuf."""
     rest, chunks = bytearray(), {5: [], 8: []}
     for number, wire, start, fa, fb in _fields(buf, a, b, where):
+        size = 4 if number in (5, 6) else 8
         if number not in (5, 6, 8, 9):
             rest += buf[start:fb]
-            continue
-        size = 4 if number < 8 else 8
-        if wire != 2:  # unpacked values (old writers): protobuf's slow per-value path, rare
+        elif wire != 2:  # unpacked values (old writers): protobuf's slow per-value path, rare
             if wire != (5 if size == 4 else 1):
                 raise WeightsError(f"{where}: wire type {wire} does not fit blob field {number}")
             pb = _parse("BlobProto", buf[a:b], where)
             return _blob(pb, np.asarray(pb.data or pb.double_data, np.float32), where, WeightsError)
-        if (fb - fa) % size:
+        elif (fb - fa) % size:
             raise WeightsError(f"{where}: packed data at byte {start} is not a whole number of values")
-        if number in chunks:
+        elif number in chunks:
             chunks[number].append(np.frombuffer(buf, f"<f{size}", (fb - fa) // size, fa))
     source = chunks[5] or chunks[8] or [np.zeros(0, np.float32)]
     return _blob(_parse("BlobProto", rest, where), np.concatenate(source, dtype=np.float32), where, WeightsError)
@@ -585,35 +464,34 @@ def _read_blob(buf: memoryview, a: int, b: int, where: str) -> np.ndarray:
 
 def _read(path: str | Path) -> tuple[dict[str, Any], list[tuple[dict[str, Any], list[np.ndarray]]]]:
     """(NetParameter without layers, [(LayerParameter without blobs, blobs)]) as dicts; V1 layers upgraded."""
-    where = str(path)
     try:
         with open(path, "rb") as handle:  # an mmap: blob data is copied once, page cache -> arrays
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(handle.fileno()).st_size else b""
+            size = os.fstat(handle.fileno()).st_size
+            buf = memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b"")
     except OSError as exc:
         raise WeightsError(f"{path}: cannot open caffemodel: {exc.strerror or exc}") from None
-    if not mapped:
+    if not size:
         raise WeightsError(f"{path}: caffemodel is empty")
-    buf, rest, layers, kinds = memoryview(mapped), bytearray(), [], set()
-    for number, wire, start, a, b in _fields(buf, 0, len(buf), where):
+    rest, layers, kinds = bytearray(), [], set()
+    for number, wire, start, a, b in _fields(buf, 0, len(buf), str(path)):
         if number not in (2, 100) or wire != 2:
             rest += buf[start:b]
             continue
         kinds.add(number)
-        lwhere, layer_rest, blobs = f"{where}: layer {len(layers)}", bytearray(), []
-        for inner, inner_wire, inner_start, fa, fb in _fields(buf, a, b, lwhere):
+        where, layer_rest, blobs = f"{path}: layer {len(layers)}", bytearray(), []
+        for inner, inner_wire, inner_start, fa, fb in _fields(buf, a, b, where):
             if inner == (7 if number == 100 else 6) and inner_wire == 2:
-                blobs.append(_read_blob(buf, fa, fb, f"{lwhere} blob {len(blobs)}"))
+                blobs.append(_read_blob(buf, fa, fb, f"{where} blob {len(blobs)}"))
             else:
                 layer_rest += buf[inner_start:fb]
-        layer = _to_dict(_parse("LayerParameter" if number == 100 else "V1LayerParameter", layer_rest, lwhere),
-                         lwhere, WeightsError)
-        if number == 2:
-            kind = layer.get("type", "NONE")
-            layer["type"] = _V1_NAMES.get(kind) or kind.title().replace("_", "")
-        layers.append((layer, blobs))
+        kind = "LayerParameter" if number == 100 else "V1LayerParameter"
+        layers.append((_to_dict(_parse(kind, layer_rest, where), where, WeightsError), blobs))
+        if number == 2:  # V1: the type is an enum, today's type strings are CamelCase
+            v1_type = layers[-1][0].get("type", "NONE")
+            layers[-1][0]["type"] = _V1_NAMES.get(v1_type) or v1_type.title().replace("_", "")
     if kinds == {2, 100}:
-        raise WeightsError(f"{where}: mixes V1 'layers' and current 'layer' fields (Caffe rejects this)")
-    return _to_dict(_parse("NetParameter", rest, where), where, WeightsError), layers
+        raise WeightsError(f"{path}: mixes V1 'layers' and current 'layer' fields (Caffe rejects this)")
+    return _to_dict(_parse("NetParameter", rest, str(path)), str(path), WeightsError), layers
 
 
 def read_caffemodel(path: str | Path) -> dict[str, tuple[str, list[np.ndarray]]]:
@@ -624,13 +502,11 @@ def read_caffemodel(path: str | Path) -> dict[str, tuple[str, list[np.ndarray]]]
     """
     out: dict[str, tuple[str, list[np.ndarray]]] = {}
     for layer, blobs in _read(path)[1]:
-        name, kind = layer.get("name", ""), layer.get("type", "")
-        if name in out:
-            if out[name][1] and blobs:
-                raise WeightsError(f"{path}: two layers named '{name}' both carry blobs")
-            if not blobs:
-                continue
-        out[name] = (kind, blobs)
+        name = layer.get("name", "")
+        if name in out and out[name][1] and blobs:
+            raise WeightsError(f"{path}: two layers named '{name}' both carry blobs")
+        if name not in out or blobs:
+            out[name] = (layer.get("type", ""), blobs)
     return out
 
 
