@@ -61,7 +61,8 @@ enum Engine { DEFAULT = 0; CAFFE = 1; CUDNN = 2; }
 message BlobShape { repeated int64 dim = 1 [packed = true]; }
 message BlobProto { BlobShape shape = 7; repeated float data = 5 [packed = true];
   repeated float diff = 6 [packed = true]; repeated double double_data = 8 [packed = true];
-  repeated double double_diff = 9 [packed = true]; int32 num = 1; int32 channels = 2; int32 height = 3; int32 width = 4; }
+  repeated double double_diff = 9 [packed = true]; int32 num = 1; int32 channels = 2; int32 height = 3;
+  int32 width = 4; }
 message FillerParameter { string type = 1; float value = 2; float min = 3; float max = 4; float mean = 5;
   float std = 6; int32 sparse = 7; enum VarianceNorm { FAN_IN = 0; FAN_OUT = 1; AVERAGE = 2; }
   VarianceNorm variance_norm = 8; }
@@ -209,11 +210,10 @@ def _fill(msg: Message, values: Mapping[str, Any], where: str) -> Message:
     kind, fields = msg.DESCRIPTOR.name, msg.DESCRIPTOR.fields_by_name
     if not isinstance(values, Mapping):
         raise ParamError(f"{where}: expected a {kind} as a dict, got {values!r}")
-    unknown = [str(key) for key in values if key not in fields]
-    if unknown:
-        raise ParamError(f"{where}: unknown {kind} field(s) {', '.join(unknown)}")
     msg.SetInParent()
     for key, value in values.items():
+        if key not in fields:
+            raise ParamError(f"{where}: unknown {kind} field {key}")
         fld, path, repeated = fields[key], f"{where}.{key}", _repeated(fields[key])
         if not repeated and isinstance(value, (list, tuple, np.ndarray)):
             raise ParamError(f"{path}: {kind}.{key} is not repeated, got a list")
@@ -301,10 +301,9 @@ def net_from_prototxt(text: str, path: str = "<prototxt>") -> CaffeNet:
 
 # messages -> dicts -> CaffeNets
 def _value(fld: FieldDescriptor, value: Any, where: str, error: type[D2CError]) -> Any:
-    if fld.message_type is not None and fld.message_type.name == "BlobProto":
-        return _blob(value, np.asarray(value.data or value.double_data, np.float32), where, error)
-    if fld.message_type is not None:
-        return _to_dict(value, where, error)
+    if fld.message_type is not None:  # a blob in a prototxt: protobuf's floats are few there
+        return (_blob(value, np.asarray(value.data or value.double_data, np.float32), where, error)
+                if fld.message_type.name == "BlobProto" else _to_dict(value, where, error))
     if fld.enum_type is not None:
         return fld.enum_type.values_by_number[value].name
     if fld.cpp_type == FieldDescriptor.CPPTYPE_FLOAT:
@@ -429,11 +428,8 @@ def _write_parts(handle: IO[bytes], parts: list[bytes | memoryview]) -> None:
 
 
 def write_caffemodel(net: CaffeNet, path: str | Path) -> None:
-    """Write the binary NetParameter (name, layers with params and blobs) atomically.
-
-    Every layer is encoded (and so checked) before the file is opened; blob data goes from the
-    numpy buffers to the file, so peak memory stays near the size of the arrays themselves.
-    """
+    """Write the binary NetParameter atomically. Every layer is encoded (and so checked) before the file
+    is opened; blob data goes from the numpy buffers to the file, so memory stays near the arrays' size."""
     header = _fill(MESSAGES["NetParameter"](), {"name": net.name or None}, f"net '{net.name}'")
     encoded = [_layer_parts(layer) for layer in _all_layers(net)]
     with atomic_write(path, "wb") as handle:
@@ -442,22 +438,30 @@ def write_caffemodel(net: CaffeNet, path: str | Path) -> None:
             _write_parts(handle, parts)
 
 
+def _split(buf: memoryview, a: int, b: int, where: str, raw: tuple[int, ...]) -> tuple[bytearray, list[tuple]]:
+    """buf[a:b] as (its other fields as bytes for protobuf, (number, wire, start, end) of the fields `raw`)."""
+    rest, spans = bytearray(), []
+    for number, wire, start, fa, fb in _fields(buf, a, b, where):
+        if number in raw:
+            spans.append((number, wire, fa, fb))
+        else:
+            rest += buf[start:fb]
+    return rest, spans
+
+
 def _read_blob(buf: memoryview, a: int, b: int, where: str) -> np.ndarray:
     """A BlobProto: packed data (5) or double_data (8) read straight into numpy, the rest by protobuf."""
-    rest, chunks = bytearray(), {5: [], 8: []}
-    for number, wire, start, fa, fb in _fields(buf, a, b, where):
-        size = 4 if number in (5, 6) else 8
-        if number not in (5, 6, 8, 9):
-            rest += buf[start:fb]
-        elif wire != 2:  # unpacked values (old writers): protobuf's slow per-value path, rare
-            if wire != (5 if size == 4 else 1):
-                raise WeightsError(f"{where}: wire type {wire} does not fit blob field {number}")
-            pb = _parse("BlobProto", buf[a:b], where)
-            return _blob(pb, np.asarray(pb.data or pb.double_data, np.float32), where, WeightsError)
-        elif (fb - fa) % size:
-            raise WeightsError(f"{where}: packed data at byte {start} is not a whole number of values")
-        elif number in chunks:
-            chunks[number].append(np.frombuffer(buf, f"<f{size}", (fb - fa) // size, fa))
+    rest, spans = _split(buf, a, b, where, (5, 6, 8, 9))
+    for number, wire, fa, fb in spans:
+        if wire not in (2, 5 if number < 8 else 1):
+            raise WeightsError(f"{where}: wire type {wire} does not fit blob field {number}")
+        if wire == 2 and (fb - fa) % (4 if number < 8 else 8):
+            raise WeightsError(f"{where}: packed data at byte {fa} is not a whole number of values")
+    if any(wire != 2 for _, wire, _, _ in spans):  # unpacked values (old writers): protobuf's slow path
+        pb = _parse("BlobProto", buf[a:b], where)
+        return _blob(pb, np.asarray(pb.data or pb.double_data, np.float32), where, WeightsError)
+    chunks = {n: [np.frombuffer(buf, dtype, (fb - fa) // np.dtype(dtype).itemsize, fa) for number, _, fa, fb in spans
+                  if number == n] for n, dtype in ((5, "<f4"), (8, "<f8"))}  # data, double_data
     source = chunks[5] or chunks[8] or [np.zeros(0, np.float32)]
     return _blob(_parse("BlobProto", rest, where), np.concatenate(source, dtype=np.float32), where, WeightsError)
 
@@ -472,34 +476,28 @@ def _read(path: str | Path) -> tuple[dict[str, Any], list[tuple[dict[str, Any], 
         raise WeightsError(f"{path}: cannot open caffemodel: {exc.strerror or exc}") from None
     if not size:
         raise WeightsError(f"{path}: caffemodel is empty")
-    rest, layers, kinds = bytearray(), [], set()
-    for number, wire, start, a, b in _fields(buf, 0, len(buf), str(path)):
-        if number not in (2, 100) or wire != 2:
-            rest += buf[start:b]
-            continue
-        kinds.add(number)
-        where, layer_rest, blobs = f"{path}: layer {len(layers)}", bytearray(), []
-        for inner, inner_wire, inner_start, fa, fb in _fields(buf, a, b, where):
-            if inner == (7 if number == 100 else 6) and inner_wire == 2:
-                blobs.append(_read_blob(buf, fa, fb, f"{where} blob {len(blobs)}"))
-            else:
-                layer_rest += buf[inner_start:fb]
-        kind = "LayerParameter" if number == 100 else "V1LayerParameter"
-        layers.append((_to_dict(_parse(kind, layer_rest, where), where, WeightsError), blobs))
-        if number == 2:  # V1: the type is an enum, today's type strings are CamelCase
-            v1_type = layers[-1][0].get("type", "NONE")
-            layers[-1][0]["type"] = _V1_NAMES.get(v1_type) or v1_type.title().replace("_", "")
-    if kinds == {2, 100}:
+    rest, spans = _split(buf, 0, len(buf), str(path), (2, 100))
+    if {number for number, *_ in spans} == {2, 100}:
         raise WeightsError(f"{path}: mixes V1 'layers' and current 'layer' fields (Caffe rejects this)")
+    layers = []
+    for index, (number, wire, a, b) in enumerate(spans):
+        where = f"{path}: layer {index}"
+        layer_rest, blob_spans = _split(buf, a, b, where, (7 if number == 100 else 6,)) if wire == 2 else (b"", [])
+        if wire != 2 or any(blob_wire != 2 for _, blob_wire, _, _ in blob_spans):
+            raise WeightsError(f"{where}: a layer or blob that is not a message (wire type {wire})")
+        blobs = [_read_blob(buf, fa, fb, f"{where} blob {i}") for i, (_, _, fa, fb) in enumerate(blob_spans)]
+        layer = _to_dict(_parse("LayerParameter" if number == 100 else "V1LayerParameter", layer_rest, where),
+                         where, WeightsError)
+        if number == 2:  # V1: the type is an enum; current type strings are CamelCase
+            v1_type = layer.get("type", "NONE")
+            layer["type"] = _V1_NAMES.get(v1_type) or v1_type.title().replace("_", "")
+        layers.append((layer, blobs))
     return _to_dict(_parse("NetParameter", rest, str(path)), str(path), WeightsError), layers
 
 
 def read_caffemodel(path: str | Path) -> dict[str, tuple[str, list[np.ndarray]]]:
-    """Layer name -> (type, float32 blobs) from a .caffemodel, ours or real Caffe's.
-
-    Accepts packed or unpacked data, BlobShape or legacy 4-D dims, and V1 `layers` files.
-    Layers sharing a name (TRAIN/TEST data layers) are fine unless two of them carry blobs.
-    """
+    """Layer name -> (type, float32 blobs) from a .caffemodel, ours or real Caffe's (packed or unpacked
+    data, BlobShape or legacy 4-D dims, V1 `layers`). Same-named layers are fine unless two carry blobs."""
     out: dict[str, tuple[str, list[np.ndarray]]] = {}
     for layer, blobs in _read(path)[1]:
         name = layer.get("name", "")
