@@ -122,6 +122,13 @@ def test_schema_check_sees_a_mutation(monkeypatch: pytest.MonkeyPatch, old: str,
     assert len(problems) == 1, problems
 
 
+def test_schema_text_that_is_not_a_declaration_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing ';' must not silently drop a field from the descriptor."""
+    monkeypatch.setattr(proto, "SCHEMA", proto.SCHEMA.replace("float eps = 3;", "float eps = 3"))
+    with pytest.raises(AssertionError, match="eps"):
+        proto._file_descriptor()
+
+
 # --------------------------------------------------------------------------------------------
 # A net that sets every field of the schema, checked against the real protobuf runtime
 # --------------------------------------------------------------------------------------------

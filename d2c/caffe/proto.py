@@ -144,11 +144,15 @@ _V1_NAMES = {"ABSVAL": "AbsVal", "ARGMAX": "ArgMax", "BNLL": "BNLL", "HDF5_DATA"
              "HDF5_OUTPUT": "HDF5Output", "IM2COL": "Im2col", "MVN": "MVN", "RELU": "ReLU", "TANH": "TanH",
              "SOFTMAX_LOSS": "SoftmaxWithLoss"}
 _DECL = re.compile(r"message (\w+) \{|enum (\w+) \{([^}]*)\}|(repeated )?(\w+) (\w+) = (\d+)( \[packed = true\])?;|\}")
-_SCALARS = {"double": 1, "float": 2, "int64": 3, "int32": 5, "bool": 8, "string": 9, "uint32": 13}
+_PB = descriptor_pb2.FieldDescriptorProto
+_SCALARS = {name: getattr(_PB, f"TYPE_{name.upper()}") for name in ("double", "float", "int64", "int32", "bool",
+                                                                    "string", "uint32")}
 
 
 def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     """SCHEMA as a FileDescriptorProto (package caffe, proto2)."""
+    if _DECL.sub("", SCHEMA).strip():  # a typo must not drop a field silently
+        raise AssertionError(f"SCHEMA has text that is not a declaration: {_DECL.sub('', SCHEMA).split()[:8]}")
     proto = descriptor_pb2.FileDescriptorProto(name="d2c_caffe.proto", package="caffe", syntax="proto2")
     message = None
     for match in _DECL.finditer(SCHEMA):
@@ -158,9 +162,11 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
             for value, value_number in re.findall(r"(\w+) = (\d+)", values):
                 enum.value.add(name=value, number=int(value_number))
         elif name:
-            fld = message.field.add(name=name, number=int(number), label=3 if repeated else 1)
+            fld = message.field.add(name=name, number=int(number),
+                                    label=_PB.LABEL_REPEATED if repeated else _PB.LABEL_OPTIONAL)
             nested = any(e.name == kind for e in message.enum_type)
-            fld.type = _SCALARS.get(kind) or (14 if nested or any(e.name == kind for e in proto.enum_type) else 11)
+            is_enum = nested or any(e.name == kind for e in proto.enum_type)
+            fld.type = _SCALARS.get(kind) or (_PB.TYPE_ENUM if is_enum else _PB.TYPE_MESSAGE)
             if kind not in _SCALARS:
                 fld.type_name = f".caffe.{message.name}.{kind}" if nested else f".caffe.{kind}"
             if packed:
