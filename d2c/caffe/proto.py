@@ -4,6 +4,8 @@ SCHEMA is the part of caffe.proto d2c writes or reads, with Caffe's field number
 against pycaffe's descriptors in tests/test_caffe_proto.py); it becomes a descriptor at import and
 protobuf does typing, wire format and text format. Only blob data bypasses it, because protobuf
 handles packed floats one Python float at a time: blob payloads go between numpy and the file untouched.
+Prototxt reading is strict (a field outside SCHEMA, misspelt or not, is an error at file:line:column);
+binary files skip unknown fields, as protobuf does, so real Caffe's caffemodels read.
 """
 from __future__ import annotations
 
