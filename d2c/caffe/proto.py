@@ -431,6 +431,7 @@ def _layer_parts(layer: CaffeLayer) -> list[bytes | memoryview]:
 
 
 def _write_parts(handle: IO[bytes], parts: list[bytes | memoryview]) -> None:
+    """One layer's pieces (a function of its own so tests can fail or kill a write half-way)."""
     for part in parts:
         handle.write(part)
 
