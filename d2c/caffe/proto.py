@@ -472,11 +472,13 @@ def _read_blob(buf: memoryview, a: int, b: int, where: str) -> np.ndarray:
     chunks = {n: [np.frombuffer(buf, dtype, (fb - fa) // np.dtype(dtype).itemsize, fa) for number, _, fa, fb in spans
                   if number == n] for n, dtype in ((5, "<f4"), (8, "<f8"))}  # data, double_data
     source = chunks[5] or chunks[8] or [np.zeros(0, np.float32)]
-    return _blob(_parse("BlobProto", rest, where), np.concatenate(source, dtype=np.float32), where, WeightsError)
+    data = source[0].astype(np.float32) if len(source) == 1 else np.concatenate(source, dtype=np.float32)
+    return _blob(_parse("BlobProto", rest, where), data, where, WeightsError)
 
 
-def _read(path: str | Path) -> tuple[dict[str, Any], list[tuple[dict[str, Any], list[np.ndarray]]]]:
-    """(NetParameter without layers, [(LayerParameter without blobs, blobs)]) as dicts; V1 layers upgraded."""
+def _read(path: str | Path, full: bool) -> tuple[dict[str, Any], list[tuple[dict[str, Any], list[np.ndarray]]]]:
+    """(NetParameter without layers, [(LayerParameter without blobs, blobs)]) as dicts, V1 layers upgraded;
+    only each layer's name and type unless `full`."""
     try:
         with open(path, "rb") as handle:  # an mmap: blob data is copied once, page cache -> arrays
             size = os.fstat(handle.fileno()).st_size
@@ -495,8 +497,10 @@ def _read(path: str | Path) -> tuple[dict[str, Any], list[tuple[dict[str, Any], 
         if wire != 2 or any(blob_wire != 2 for _, blob_wire, _, _ in blob_spans):
             raise WeightsError(f"{where}: a layer or blob that is not a message (wire type {wire})")
         blobs = [_read_blob(buf, fa, fb, f"{where} blob {i}") for i, (_, _, fa, fb) in enumerate(blob_spans)]
-        layer = _to_dict(_parse("LayerParameter" if number == 100 else "V1LayerParameter", layer_rest, where),
-                         where, WeightsError)
+        msg = _parse("LayerParameter" if number == 100 else "V1LayerParameter", layer_rest, where)
+        fields = msg.DESCRIPTOR.fields_by_name
+        layer = _to_dict(msg, where, WeightsError) if full else \
+            {key: _value(fields[key], getattr(msg, key), where, WeightsError) for key in ("name", "type")}
         if number == 2:  # V1: the type is an enum; current type strings are CamelCase
             v1_type = layer.get("type", "NONE")
             layer["type"] = _V1_NAMES.get(v1_type) or v1_type.title().replace("_", "")
@@ -508,7 +512,7 @@ def read_caffemodel(path: str | Path) -> dict[str, tuple[str, list[np.ndarray]]]
     """Layer name -> (type, float32 blobs) from a .caffemodel, ours or real Caffe's (packed or unpacked
     data, BlobShape or legacy 4-D dims, V1 `layers`). Same-named layers are fine unless two carry blobs."""
     out: dict[str, tuple[str, list[np.ndarray]]] = {}
-    for layer, blobs in _read(path)[1]:
+    for layer, blobs in _read(path, full=False)[1]:
         name = layer.get("name", "")
         if name in out and out[name][1] and blobs:
             raise WeightsError(f"{path}: two layers named '{name}' both carry blobs")
@@ -519,5 +523,5 @@ def read_caffemodel(path: str | Path) -> dict[str, tuple[str, list[np.ndarray]]]
 
 def read_caffemodel_net(path: str | Path) -> CaffeNet:
     """Every known field of a .caffemodel as a CaffeNet (params decoded through the schema)."""
-    net, layers = _read(path)
+    net, layers = _read(path, full=True)
     return _to_net(net, layers, str(path), WeightsError)
