@@ -438,6 +438,72 @@ def detection_batch(samples: list, n: int, w: int, h: int, *,
 
 
 # --------------------------------------------------------------------------------------------
+# Planned batches: the random draws taken in order, the pixel work done elsewhere
+# --------------------------------------------------------------------------------------------
+
+#: rand() calls of one augmented image besides one per box: width and height jitter, dx, dy,
+#: hue, saturation (value + coin), exposure (value + coin), flip.
+DRAWS_PER_IMAGE = 10
+
+
+class ReplayRand:
+    """rand() values drawn earlier (plan_detection_batch), replayed in the same order.
+
+    Why: the draws of a Darknet batch are sequential (each image's depend on the state left by
+    the previous one) but cheap; the pixel work is not. Drawing them up front in one process and
+    replaying them in workers keeps the stream, and so every tensor, identical to detection_batch's.
+    """
+
+    def __init__(self, values: tuple[int, ...] | list[int]) -> None:
+        self.values = values
+        self.used = 0
+
+    def rand(self) -> int:
+        if self.used >= len(self.values):
+            raise ValueError(f"ReplayRand: more than the {len(self.values)} planned draws were requested")
+        value = self.values[self.used]
+        self.used += 1
+        return int(value)
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One image of a planned batch: which sample, and the rand() values its augmentation uses."""
+
+    index: int
+    draws: tuple[int, ...]
+
+
+def image_draws(box_count: int, no_augment: bool) -> int:
+    """How many rand() calls augment_detection makes for an image with `box_count` boxes."""
+    return 0 if no_augment else DRAWS_PER_IMAGE + box_count
+
+
+def plan_detection_batch(samples: list, n: int, rng: np.random.Generator | RandSource, *,
+                         no_augment: bool = False) -> list[PlannedImage]:
+    """detection_batch's draws without the pixel work: the n picks (rand() % m), then each
+    image's augmentation draws, taken from `rng` in exactly detection_batch's order."""
+    if not samples:
+        raise DatasetError("no samples to build a batch from")
+    src = _source(rng)
+    chosen = [src.rand() % len(samples) for _ in range(n)]
+    return [PlannedImage(index, tuple(src.rand() for _ in range(image_draws(len(samples[index].boxes), no_augment))))
+            for index in chosen]
+
+
+def render_planned(image: np.ndarray, sample: object, planned: PlannedImage, w: int, h: int, *,
+                   max_boxes: int = YOLO_MAX_BOXES, jitter: float = 0.2, hue: float = 0.0,
+                   saturation: float = 1.0, exposure: float = 1.0, no_augment: bool = False) -> DetectionSample:
+    """augment_detection of one planned image; every planned draw must be used (exactness check)."""
+    src = ReplayRand(planned.draws)
+    one = augment_detection(image, sample.boxes, w, h, rng=src, max_boxes=max_boxes,  # type: ignore[attr-defined]
+                            jitter=jitter, hue=hue, saturation=saturation, exposure=exposure, no_augment=no_augment)
+    if src.used != len(planned.draws):
+        raise ValueError(f"render_planned: {src.used} of {len(planned.draws)} planned draws used")
+    return one
+
+
+# --------------------------------------------------------------------------------------------
 # Darknet's own loader, for comparisons (in a child process: libdarknet turns on FTZ/DAZ)
 # --------------------------------------------------------------------------------------------
 

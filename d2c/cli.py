@@ -30,7 +30,10 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-trailing", action="store_true", help="accept extra bytes after the last layer")
     p.add_argument("--continue-on-error", action="store_true",
                    help="convert up to the first unsupported section, reporting every problem")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and the data layer's picks/augmentation")
+    p.add_argument("--data", help="with --train: a Darknet .data file the train net reads (DarknetDetectionData), "
+                                  "so `caffe train` runs as is")
+    p.add_argument("--max-iter", type=int, help="with --train: solver max_iter (default: max_batches - seen/B)")
     p.set_defaults(func=_run_convert)
 
 
@@ -39,7 +42,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     rep = convert(args.cfg, args.weights, args.out, flavor=args.darknet, fold_bn=args.fold_bn,
                   continue_on_error=args.continue_on_error, allow_trailing=args.allow_trailing,
                   seed=args.seed, train=args.train, bn=args.bn, batch=args.batch, progress=True,
-                  name=args.name)
+                  name=args.name, data=args.data, max_iter=args.max_iter)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"d2c convert: {args.cfg}" + (f" + {args.weights}" if args.weights else " (random weights, seed "
