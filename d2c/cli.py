@@ -58,7 +58,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 def _add_detect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="run a converted model on images, Darknet-exact pre/post-processing")
-    p.add_argument("model", help="output directory of `d2c convert`, or its .prototxt")
+    p.add_argument("model", help="output directory of `d2c convert` or its .prototxt; or a `d2c train` run "
+                                 "directory or snapshot (converted on the fly, class names from its .data)")
     p.add_argument("images", nargs="+")
     p.add_argument("--thresh", type=float, default=0.25)
     p.add_argument("--hier", type=float, default=0.5)
@@ -94,6 +95,7 @@ MODULE_COMMANDS = [
     ("train", "d2c.train", "train a Darknet cfg in Caffe from a Darknet-style dataset"),
     ("export", "d2c.export", "Caffe caffemodel -> Darknet .weights"),
     ("bench", "d2c.bench", "conversion, forward and training speed side by side"),
+    ("shapes", "d2c.shapes", "write the seeded demo detection dataset (coloured shapes) in Darknet's layout"),
 ]
 
 

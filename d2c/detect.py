@@ -623,8 +623,10 @@ def run_detect_cli(args: argparse.Namespace) -> int:
     for image in args.images:     # fail fast, before loading a model
         if not Path(image).is_file():
             raise DatasetError(f"{image}: image not found")
-    files = load_model_files(args.model)
-    names = class_names(files.classes, args.names)
+    from d2c.model_resolve import resolve_model   # a d2c train run or snapshot: its deploy model and names
+    model, run_names = resolve_model(args.model)
+    files = load_model_files(model)
+    names = class_names(files.classes, args.names or run_names)
     engine = Engine(files, args.engine)
     records: list[dict[str, Any]] = []
     for image, png in zip(args.images, _output_paths(args.images, args.out), strict=True):
