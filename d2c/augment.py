@@ -154,23 +154,29 @@ def place_image(im: np.ndarray, w: int, h: int, dx: int, dy: int, canvas: np.nda
     fy = (ry - iy.astype(F32)).astype(F32)
     gx = ((ix.astype(F32) + one).astype(F32) - rx).astype(F32)      # 1 - dx, as the build computes it
     gy = ((iy.astype(F32) + one).astype(F32) - ry).astype(F32)
-    padded = np.zeros((c, im_h + 1, im_w + 1), F32)     # the extra row/column is get_pixel_extend's 0
-    padded[:, :im_h, :im_w] = im
-    p00 = padded[:, iy[:, None], ix[None, :]]
-    p01 = padded[:, iy[:, None] + 1, ix[None, :]]
-    p10 = padded[:, iy[:, None], ix[None, :] + 1]
-    p11 = padded[:, iy[:, None] + 1, ix[None, :] + 1]
-    gy_, fy_ = gy[:, None], fy[:, None]
-    gx_, fx_ = gx[None, :], fx[None, :]
-    column = (gy_ * p00).astype(F32) + (fy_ * p01).astype(F32)
-    val = (gx_ * column).astype(F32)
-    val = val + ((fx_ * gy_).astype(F32) * p10).astype(F32)
-    val = val + ((fx_ * fy_).astype(F32) * p11).astype(F32)
     _, ch, cw = canvas.shape
     x0, y0 = max(dx, 0), max(dy, 0)
     x1, y1 = min(dx + w, cw), min(dy + h, ch)
-    if x1 > x0 and y1 > y0:
-        canvas[:, y0:y1, x0:x1] = val[:, y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+    if x1 <= x0 or y1 <= y0:
+        return
+    # Only the samples that land on the canvas are computed; rows are gathered first (contiguous
+    # copies), then columns along the last axis: the same values as a 2-D gather, ~2x faster.
+    rows, cols = slice(y0 - dy, y1 - dy), slice(x0 - dx, x1 - dx)
+    iy, fy, gy = iy[rows], fy[rows], gy[rows]
+    ix, fx, gx = ix[cols], fx[cols], gx[cols]
+    padded = np.zeros((c, im_h + 1, im_w + 1), F32)     # the extra row/column is get_pixel_extend's 0
+    padded[:, :im_h, :im_w] = im
+    top_rows, bottom_rows = padded[:, iy, :], padded[:, iy + 1, :]
+    p00, p10 = np.take(top_rows, ix, axis=2), np.take(top_rows, ix + 1, axis=2)
+    p01, p11 = np.take(bottom_rows, ix, axis=2), np.take(bottom_rows, ix + 1, axis=2)
+    gy_, fy_ = gy[:, None], fy[:, None]
+    gx_, fx_ = gx[None, :], fx[None, :]
+    column = gy_ * p00                  # float32 throughout, in the build's order
+    column += fy_ * p01
+    val = gx_ * column
+    val += (fx_ * gy_) * p10
+    val += (fx_ * fy_) * p11
+    canvas[:, y0:y1, x0:x1] = val
 
 
 def rgb_to_hsv(im: np.ndarray) -> np.ndarray:

@@ -991,13 +991,26 @@ def train(options: TrainOptions, callback: Callable[[Trainer, dict[str, Any]], N
 # CLI
 # --------------------------------------------------------------------------------------------
 
+def gpu_error(gpus: int) -> None:
+    """`--gpus N`: refuse clearly. This Caffe is built CPU_ONLY; the multi-GPU design (README,
+    "Several GPUs") is written down but not implemented, because it cannot be tested here."""
+    if gpus < 0:
+        raise D2CError(f"--gpus must be >= 1, got {gpus}")
+    raise D2CError(f"--gpus {gpus}: this Caffe build is CPU-only (tools/build_caffe.sh builds CPU_ONLY), so it has no "
+                   f"GPU or NCCL support; train on the CPU (omit --gpus). The README's \"Several GPUs\" section "
+                   f"describes how Darknet's -gpus splits the batch.")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="Darknet .data file (classes, train, valid, names, backup)")
-    p.add_argument("cfg", help="Darknet .cfg with [yolo] or [region] heads")
+    p.add_argument("data", nargs="?", help="Darknet .data file (classes, train, valid, names, backup)")
+    p.add_argument("cfg", nargs="?", help="Darknet .cfg with [yolo] or [region] heads")
     p.add_argument("weights", nargs="?", help="pretrained .weights (all layers, or the first L with --load-upto)")
     p.add_argument("--max-batches", type=int, help="stop at this batch number (default: the cfg's max_batches)")
     p.add_argument("--snapshot-every", type=int, default=100, help="snapshot every K iterations (default 100)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last snapshot")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue a run from its last snapshot: `--resume RUN_DIR` alone, or DATA CFG --resume --out DIR")
+    p.add_argument("--gpus", type=int, default=0, metavar="N",
+                   help="train on N GPUs (needs a CUDA build of Caffe; this build is CPU-only)")
     p.add_argument("--out", help="output directory (default: the .data file's backup directory)")
     p.add_argument("--load-upto", type=int, metavar="L",
                    help="load only layers 0..L-1 from WEIGHTS (Darknet's partial backbone, e.g. 15 for yolov3-tiny); "
@@ -1017,11 +1030,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-iteration lines")
 
 
+def resume_arguments(args: argparse.Namespace) -> None:
+    """`--resume RUN_DIR`: the run directory is --out, and DATA and CFG come from its run.json
+    (the cfg the run recorded, with its [net] overrides already applied)."""
+    if args.resume is True or args.resume is False:
+        return
+    run_dir = Path(args.resume)
+    if args.out and Path(args.out) != run_dir:
+        raise D2CError(f"--resume {run_dir} and --out {args.out} name different runs")
+    args.out = str(run_dir)
+    path = run_dir / RUN_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        recorded_data, recorded_cfg = info["data"], info["cfg"]
+    except FileNotFoundError:
+        raise D2CError(f"--resume {run_dir}: no {RUN_FILE} here; is this a `d2c train` output directory?") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise D2CError(f"--resume {run_dir}: cannot read {path}: {exc}") from None
+    if args.data is None:
+        data = Path(recorded_data)
+        if not data.is_file():
+            raise D2CError(f"--resume {run_dir}: the run's .data file {data} is not found from here; pass DATA CFG "
+                           f"--resume --out {run_dir}")
+        args.data = str(data)
+    if args.cfg is None:
+        args.cfg = str(run_dir / recorded_cfg)
+    args.resume = True
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.gpus:
+        gpu_error(args.gpus)
+    resume_arguments(args)
+    if args.data is None or args.cfg is None:
+        raise D2CError("DATA and CFG are required (or `--resume RUN_DIR` to continue a run)")
     options = TrainOptions(
         data=Path(args.data), cfg=Path(args.cfg), weights=Path(args.weights) if args.weights else None,
         out=Path(args.out) if args.out else None, max_batches=args.max_batches, snapshot_every=args.snapshot_every,
-        resume=args.resume, load_upto=args.load_upto, bn=args.bn, no_augment=args.no_augment,
+        resume=bool(args.resume), load_upto=args.load_upto, bn=args.bn, no_augment=args.no_augment,
         skip_bad=args.skip_bad, seed=args.seed, batch=args.batch, subdivisions=args.subdivisions,
         size=tuple(args.size) if args.size else None, clear=args.clear, keep=args.keep,
         progress=not args.quiet and sys.stderr.isatty(), verbose=not args.quiet, evaluate_map=args.map)
