@@ -76,9 +76,9 @@ def _worker(jobs: Connection, done: Connection, parent: int, samples: list, sett
     """Worker body: render planned images into the shared slots until told to stop."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(ImportError, AttributeError):
         import cv2
-        cv2.setNumThreads(1)
+        cv2.setNumThreads(1)     # one worker, one thread: the workers are the parallelism
     from d2c.augment import render_planned
     from d2c.image import load_image_rgb
 
@@ -128,7 +128,7 @@ def _shutdown(processes: list, job_conns: list[Connection], done_conns: list[Con
         with contextlib.suppress(OSError, ValueError):
             conn.send(None)
     for proc in processes:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError, ValueError, AssertionError):   # never started, or already closed
             proc.join(JOIN_SECONDS)
             if proc.is_alive():
                 proc.terminate()

@@ -3,11 +3,11 @@
 
 Why a second demo: tools/train_demo.py is the full proof (256 px, 300 iterations, Darknet
 comparisons, ~12 minutes); a newcomer first wants to see learning happen. This one uses the
-same pieces at a size a 2-core machine trains quickly (160 px input, batch 8, the COCO backbone
-of `--load-upto 15`, a higher learning rate with a short burn-in) and runs the commands the
-README's training flow uses:
-    d2c shapes -> d2c train -> mAP before/after (held-out split) -> d2c detect on the run.
-Usage: .venv/bin/python tools/quick_train_demo.py [--out out/quick_demo] [--iterations 150]
+same pieces at a size a 2-core machine trains quickly (cfg/yolov3-tiny-shapes-quick.cfg: 160 px
+input, batch 8, learning rate 0.004 with a short burn-in, 150 batches; the COCO backbone of
+`--load-upto 15`) and does what the README's training flow does:
+    d2c shapes -> d2c train -> mAP@0.5 on the held-out split before and after.
+Usage: .venv/bin/python tools/quick_train_demo.py [--out out/quick_demo] [--iterations N]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 
 from d2c.errors import D2CError  # noqa: E402
 
-CFG = ROOT / "cfg" / "yolov3-tiny-shapes.cfg"
+CFG = ROOT / "cfg" / "yolov3-tiny-shapes-quick.cfg"
 COCO_WEIGHTS = ROOT / "weights" / "yolov3-tiny.weights"
 
 
@@ -31,16 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "out" / "quick_demo"), help="output directory")
     parser.add_argument("--count", type=int, default=250, help="dataset images (default 250, 20%% held out)")
-    parser.add_argument("--size", type=int, default=160, help="network input and image size (default 160)")
-    parser.add_argument("--batch", type=int, default=8, help="mini-batch (default 8)")
-    parser.add_argument("--iterations", type=int, default=150, help="training iterations (default 150)")
-    parser.add_argument("--lr", type=float, default=0.004, help="learning rate (default 0.004)")
+    parser.add_argument("--iterations", type=int, help="training iterations (default: the cfg's max_batches, 150)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     from d2c.dataset import load_split
     from d2c.metrics import CaffeDetector, map_on_samples
     from d2c.shapes import CLASSES, make_shapes_dataset
-    from d2c.train import TrainOptions, Trainer, override_net_keys
+    from d2c.train import TrainOptions, Trainer
 
     out = Path(args.out)
     try:
@@ -48,19 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             raise D2CError(f"{COCO_WEIGHTS}: run `make setup` first (it fetches the COCO yolov3-tiny weights)")
         shutil.rmtree(out, ignore_errors=True)
         start_all = time.perf_counter()
-        ds = make_shapes_dataset(out / "shapes", count=args.count, size=args.size, seed=0)
-        print(f"[1] dataset: {len(ds.train)} train + {len(ds.valid)} held-out images at {args.size} px "
+        ds = make_shapes_dataset(out / "shapes", count=args.count, size=160, seed=0)
+        print(f"[1] dataset: {len(ds.train)} train + {len(ds.valid)} held-out images at 160 px "
               f"({time.perf_counter() - start_all:.0f} s)", flush=True)
-        iterations = args.iterations
-        burn_in = max(1, iterations // 10)
-        cfg = out / "yolov3-tiny-shapes-quick.cfg"
-        cfg.write_text(override_net_keys(CFG.read_text(), {
-            "width": str(args.size), "height": str(args.size), "batch": str(args.batch), "subdivisions": "1",
-            "learning_rate": str(args.lr), "burn_in": str(burn_in), "max_batches": str(iterations),
-            "steps": f"{int(iterations * 0.8)},{int(iterations * 0.9)}"}))
-        trainer = Trainer(TrainOptions(data=ds.data_file, cfg=cfg, weights=COCO_WEIGHTS, load_upto=15,
+        trainer = Trainer(TrainOptions(data=ds.data_file, cfg=CFG, weights=COCO_WEIGHTS, load_upto=15,
                                        out=out / "run", seed=args.seed, snapshot_every=50,
-                                       progress=sys.stderr.isatty(), verbose=not sys.stderr.isatty()))
+                                       max_batches=args.iterations, progress=sys.stderr.isatty(),
+                                       verbose=not sys.stderr.isatty()))
         valid, _ = load_split(trainer.spec, "valid", classes=trainer.classes)
         before = map_on_samples(CaffeDetector.from_arrays(trainer.base_graph, trainer.arrays).detect, valid,
                                 trainer.classes, list(CLASSES))
@@ -75,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    after training: {after.summary()}", flush=True)
         print(f"[4] run directory {out / 'run'}: try `d2c detect {out / 'run'} {valid[0].image_path}`, "
               f"`d2c export {result.snapshot} -o trained.weights`, `d2c train --resume {out / 'run'} "
-              f"--max-batches {iterations + 50}`")
+              f"--max-batches {result.iteration + 50}`")
         print(f"total {(time.perf_counter() - start_all) / 60:.1f} min; mAP@0.5 {before.map50:.4f} -> "
               f"{after.map50:.4f}")
     except D2CError as exc:
