@@ -24,6 +24,7 @@ could be re-executed, and fork shares the sample list and the slots without copy
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import mmap
 import multiprocessing as mp
@@ -188,6 +189,9 @@ class PrefetchLoader:
         self._remaining = [0] * self.slots
         self._errors: dict[int, tuple[int, str]] = {}
         self._next_worker = 0
+        self._iterations: deque[tuple[dict, np.ndarray]] = deque()   # (rng state before, picks) not yet consumed
+        self._consumed_in_iteration = 0
+        self.last_indices: np.ndarray | None = None
         self.iterations_planned = 0
         self._fill()
 
@@ -195,7 +199,9 @@ class PrefetchLoader:
     def _plan_iteration(self) -> None:
         from d2c.augment import plan_detection_batch
         s = self.settings
+        before = copy.deepcopy(self.rng.bit_generator.state)
         plan = plan_detection_batch(self.samples, s.batch * s.subdivisions, self.rng, no_augment=s.no_augment)
+        self._iterations.append((before, np.array([p.index for p in plan])))
         for k in range(s.subdivisions):
             self._planned.append(plan[k * s.batch:(k + 1) * s.batch])
         self.iterations_planned += 1
@@ -246,8 +252,19 @@ class PrefetchLoader:
         return slot
 
     def _release(self, slot: int) -> None:
+        self._consumed_in_iteration += 1
+        if self._consumed_in_iteration == self.settings.subdivisions:   # a whole Darknet iteration was used
+            self._consumed_in_iteration = 0
+            _state, self.last_indices = self._iterations.popleft()
         self._free.append(slot)
         self._fill()
+
+    def rng_state(self) -> dict:
+        """The Generator state as if no batch beyond the ones consumed had been drawn (what a
+        snapshot must store so that a resumed run draws the same next batch)."""
+        if self._consumed_in_iteration:
+            raise EngineError("rng_state: in the middle of an iteration")
+        return copy.deepcopy(self._iterations[0][0] if self._iterations else self.rng.bit_generator.state)
 
     def next_minibatch(self) -> tuple[np.ndarray, np.ndarray]:
         """The next mini-batch (copies; the slot goes back to the workers at once)."""
@@ -285,3 +302,53 @@ class PrefetchLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PrefetchBatchSource:
+    """d2c train's BatchSource (same tensors, same Generator stream) with the pixel work done
+    ahead by PrefetchLoader workers. The loader is started on first use and can be reset to a
+    saved Generator state (resume, an interrupted or failed iteration): the batches drawn ahead
+    are then dropped and drawn again from that state."""
+
+    def __init__(self, samples: list, batch: int, subdivisions: int, width: int, height: int, *,
+                 rng: np.random.Generator, record_boxes: int, loader_boxes: int, jitter: float, hue: float,
+                 saturation: float, exposure: float, no_augment: bool, workers: int = 2) -> None:
+        self.samples = samples
+        self.batch, self.subdivisions, self.width, self.height = batch, subdivisions, width, height
+        self.rng = rng
+        self.settings = LoaderSettings(batch=batch, subdivisions=subdivisions, width=width, height=height,
+                                       record_boxes=record_boxes, loader_boxes=min(loader_boxes, record_boxes),
+                                       jitter=jitter, hue=hue, saturation=saturation, exposure=exposure,
+                                       no_augment=no_augment)
+        self.workers = workers
+        self.last_indices: np.ndarray | None = None
+        self._loader: PrefetchLoader | None = None
+
+    def next(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self._loader is None or self._loader.closed:
+            self._loader = PrefetchLoader(self.samples, self.settings, self.rng, workers=self.workers)
+        batches = self._loader.next_iteration()
+        self.last_indices = self._loader.last_indices
+        return batches
+
+    def rng_state(self) -> dict:
+        if self._loader is None or self._loader.closed:
+            return copy.deepcopy(self.rng.bit_generator.state)
+        return self._loader.rng_state()
+
+    def reset(self, state: dict) -> None:
+        """Drop everything drawn ahead and continue from `state`."""
+        self.close()
+        self.rng.bit_generator.state = state
+
+    def close(self) -> None:
+        """Stop the workers; the Generator is wound back to the batches actually used."""
+        if self._loader is not None and not self._loader.closed:
+            state = self._loader.rng_state()
+            self._loader.close()
+            self.rng.bit_generator.state = state
+        self._loader = None
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [] if self._loader is None else self._loader.worker_pids

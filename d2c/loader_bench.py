@@ -10,7 +10,9 @@ What is measured (each in a child process, so engines and thread pools do not mi
 - the loader's share of a yolov3-tiny batch-16 training iteration (416, exact BN) with prefetch:
   the same net and solver steps timed with the batch already in memory and with each batch taken
   from the PrefetchLoader, whose workers render the next batches while Caffe computes;
-  share = (with loader - without) / with loader, plus the time the trainer actually waited.
+  share = the time the training loop waits for its batch / the iteration time; the iteration time
+  with and without the loader is reported too (its difference is the workers' CPU contention,
+  within the noise of a shared machine).
 """
 from __future__ import annotations
 
@@ -181,8 +183,9 @@ def measure_loader(work: Path, *, cores: int, tiny_weights: Path | None, share: 
                                          "augment": AUGMENT}, timeout=1800)
         plain = float(np.median(result["plain_s"]))
         loaded = float(np.median(result["loader_s"]))
-        out.update(iteration_s=plain, iteration_with_loader_s=loaded, waited_s=float(np.median(result["waited_s"])),
-                   loader_share=max(0.0, (loaded - plain) / loaded), raw=result)
+        waited = float(np.median(result["waited_s"]))
+        out.update(iteration_s=plain, iteration_with_loader_s=loaded, waited_s=waited, loader_share=waited / loaded,
+                   contention=(loaded - plain) / loaded, raw=result)
     return out
 
 
@@ -195,7 +198,7 @@ def format_rows(loader: dict[str, Any]) -> list[str]:
              f"{loader['d2c_workers_ips']:.1f} with {loader['cores']} workers"]
     if "loader_share" in loader:
         lines.append(f"loader share of a yolov3-tiny batch-16 iteration at {loader['size']} with prefetch: "
-                     f"{100 * loader['loader_share']:.1f}% (iteration {loader['iteration_s']:.2f} s in memory, "
-                     f"{loader['iteration_with_loader_s']:.2f} s from the loader; waited "
-                     f"{loader['waited_s'] * 1e3:.0f} ms)")
+                     f"{100 * loader['loader_share']:.2f}% (waited {loader['waited_s'] * 1e3:.0f} ms of a "
+                     f"{loader['iteration_with_loader_s']:.2f} s iteration; {loader['iteration_s']:.2f} s with the "
+                     f"batch already in memory)")
     return lines

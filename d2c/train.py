@@ -120,6 +120,7 @@ class TrainOptions:
     progress: bool = True
     verbose: bool = True
     evaluate_map: bool = False
+    workers: int = 2                 # loader worker processes (0: load in the training process)
 
     def check(self) -> None:
         if self.snapshot_every < 1:
@@ -139,6 +140,8 @@ class TrainOptions:
             raise D2CError(f"--bn must be exact or stock, got {self.bn!r}")
         if self.keep < 1:
             raise D2CError(f"--keep must be >= 1, got {self.keep}")
+        if self.workers < 0:
+            raise D2CError(f"--workers must be >= 0, got {self.workers}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,12 +526,17 @@ class Trainer:
         last = self.graph.nodes[-1]
         record_boxes = self.net.blobs["truth"].data.shape[1] // 5
         net_sec = self.graph.net.section
-        self.source = BatchSource(
+        self.random = float(last.attrs.get("random") or 0.0) != 0.0 and last.kind in ("yolo", "region")
+        # Batches are rendered ahead by worker processes (d2c.loader), except with multi-scale, whose
+        # size draws interleave with the batch draws on the same Generator.
+        from d2c.loader import PrefetchBatchSource
+        source_class = BatchSource if self.random or options.workers == 0 else PrefetchBatchSource
+        self.source = source_class(
             self.samples, self.b, self.S, self.width, self.height, rng=self.rng, record_boxes=record_boxes,
             loader_boxes=int(last.attrs.get("max_boxes") or record_boxes), jitter=float(last.attrs.get("jitter", 0.2)),
             hue=net_sec.get_float("hue", 0.0), saturation=net_sec.get_float("saturation", 1.0),
-            exposure=net_sec.get_float("exposure", 1.0), no_augment=options.no_augment)
-        self.random = float(last.attrs.get("random") or 0.0) != 0.0 and last.kind in ("yolo", "region")
+            exposure=net_sec.get_float("exposure", 1.0), no_augment=options.no_augment,
+            **({} if source_class is BatchSource else {"workers": options.workers}))
         self.start_iteration = self.iteration
         self.stop_requested = False
         self.last_snapshot: Path | None = self.snapshot_dir if state is not None else None
@@ -627,7 +635,7 @@ class Trainer:
     # -- state (snapshot files and in-memory backup) -----------------------------------------
     def _state_meta(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "iteration": self.iteration, "seen": self.sgd.seen, "t": self.sgd.t,
-                "rng": self.rng.bit_generator.state, "avg_loss": float(self.avg_loss), "rows": self.rows,
+                "rng": self._rng_state(), "avg_loss": float(self.avg_loss), "rows": self.rows,
                 "size": [self.width, self.height], "seed": self.seed, "bn": self.bn,
                 "cfg_sha256": hashlib.sha256(self.cfg_text.encode()).hexdigest()}
 
@@ -647,10 +655,15 @@ class Trainer:
         meta["sgd"] = {"version": meta.pop("sgd_version"), "seen": meta["seen"], "t": meta["t"], "U": buffers}
         return meta
 
+    def _rng_state(self) -> dict[str, Any]:
+        """The data Generator's state after the batches used so far (not those drawn ahead)."""
+        source = getattr(self, "source", None)
+        return source.rng_state() if hasattr(source, "rng_state") else self.rng.bit_generator.state
+
     def _capture(self) -> dict[str, Any]:
         """Everything one iteration changes, to undo a failed or interrupted iteration."""
         return {"params": {name: [np.array(b.data, copy=True) for b in blobs] for name, blobs in self.net.params.items()},
-                "sgd": self.sgd.state_dict(), "rng": copy.deepcopy(self.rng.bit_generator.state),
+                "sgd": self.sgd.state_dict(), "rng": copy.deepcopy(self._rng_state()),
                 "avg": self.avg_loss, "rows": len(self.rows)}
 
     def _restore(self, backup: dict[str, Any]) -> None:
@@ -658,7 +671,10 @@ class Trainer:
             for blob, value in zip(self.net.params[name], blobs):
                 blob.data[...] = value
         self.sgd.load_state_dict(backup["sgd"])
-        self.rng.bit_generator.state = backup["rng"]
+        if hasattr(self.source, "reset"):
+            self.source.reset(backup["rng"])     # drop the batches the loader drew ahead
+        else:
+            self.rng.bit_generator.state = backup["rng"]
         self.avg_loss = backup["avg"]
         del self.rows[backup["rows"]:]
 
@@ -918,6 +934,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if hasattr(self.source, "close"):
+                self.source.close()      # workers stop; a later step() starts them again
         final_weights = self.out / f"{self.stem}_final.weights"
         try:
             with atomic_write(final_weights) as handle, open(final / f"{self.stem}.weights", "rb") as src:
@@ -1027,6 +1045,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clear", action="store_true", help="start the schedule at seen = 0 (Darknet's -clear)")
     p.add_argument("--keep", type=int, default=DEFAULT_KEEP, help=f"snapshots kept (default {DEFAULT_KEEP})")
     p.add_argument("--map", action="store_true", help="report mAP@0.5 on the .data file's valid list at the end")
+    p.add_argument("--workers", type=int, default=2, help="loader worker processes that prepare the next batches "
+                                                          "(default 2; 0: load between steps, in this process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-iteration lines")
 
 
@@ -1070,7 +1090,8 @@ def run(args: argparse.Namespace) -> int:
         resume=bool(args.resume), load_upto=args.load_upto, bn=args.bn, no_augment=args.no_augment,
         skip_bad=args.skip_bad, seed=args.seed, batch=args.batch, subdivisions=args.subdivisions,
         size=tuple(args.size) if args.size else None, clear=args.clear, keep=args.keep,
-        progress=not args.quiet and sys.stderr.isatty(), verbose=not args.quiet, evaluate_map=args.map)
+        progress=not args.quiet and sys.stderr.isatty(), verbose=not args.quiet, evaluate_map=args.map,
+        workers=args.workers)
     trainer = Trainer(options)
     for note in trainer.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -96,3 +96,38 @@ def test_loader_names_a_broken_image_and_closes_twice(flow, tmp_path):
     loader.close()
     loader.close()
     assert loader.closed
+
+
+def test_d2c_train_prefetch_gives_the_in_process_batches_and_stops_its_workers(flow, tmp_path):
+    """d2c train renders batches in worker processes; the tensors, losses and the Generator
+    state a snapshot stores are those of loading in the training process (workers=0)."""
+    import time
+
+    from d2c.train import TrainOptions, Trainer
+    runs = {}
+    for workers in (0, 2):
+        trainer = Trainer(TrainOptions(data=flow["data"], cfg=flow["cfg"], out=tmp_path / f"w{workers}", seed=5,
+                                       max_batches=3, snapshot_every=100, progress=False, verbose=False,
+                                       workers=workers))
+        rows, batches, states = [], [], []
+        for _ in range(3):
+            rows.append(trainer.step()["loss"])
+            batches.append([(x.copy(), t.copy()) for x, t in trainer.last_batches])
+            states.append(trainer._rng_state())
+        pids = getattr(trainer.source, "worker_pids", [])
+        runs[workers] = (rows, batches, states, pids)
+        if workers:
+            assert len(pids) == 2
+            trainer.source.close()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+                time.sleep(0.05)
+            assert not any(Path(f"/proc/{p}/stat").exists() and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"
+                           for p in pids), "close() must stop the loader workers"
+            assert trainer._rng_state() == states[-1]    # wound back to the batches used
+    (rows0, batches0, states0, _), (rows2, batches2, states2, _) = runs[0], runs[2]
+    assert rows0 == rows2 and states0 == states2
+    for one, two in zip(batches0, batches2):
+        for (x0, t0), (x2, t2) in zip(one, two):
+            np.testing.assert_array_equal(x0, x2)
+            np.testing.assert_array_equal(t0, t2)
