@@ -203,3 +203,46 @@ def test_caffe_binary_trains_the_converted_net_and_its_snapshot_runs_in_darknet(
                                                   err_msg=f"layer {index} {key}")
         detections = dn.detect(shapes["valid"][0], thresh=0.05)
     assert isinstance(detections, list)
+
+
+def test_caffe_tool_is_built_with_the_library_and_shown_by_info():
+    """tools/build_caffe.sh puts Caffe's own `caffe` beside pycaffe, linked to the very libcaffe.so
+    pycaffe uses (so it computes exactly what pycaffe computes), and `d2c info` names it."""
+    from d2c.engines import caffe_tool
+    caffe = import_caffe()
+    caffe_dir = Path(caffe.__file__).parent
+    tool = caffe_tool(caffe_dir)
+    assert tool is not None and tool.parent.parent == caffe_dir.parent.parent
+    linked = subprocess.run(["ldd", str(tool)], capture_output=True, text=True, check=True).stdout
+    libcaffe = next(line.split("=>")[1].split()[0] for line in linked.splitlines() if "libcaffe.so" in line)
+    assert Path(libcaffe).resolve() == (caffe_dir / "libcaffe.so").resolve()
+    version = subprocess.run([str(CAFFE_TOOL), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and "caffe version 1.0.0" in version.stdout + version.stderr
+    info = subprocess.run([str(Path(sys.executable).parent / "d2c"), "info"], capture_output=True, text=True,
+                          timeout=120)
+    assert info.returncode == 0 and f"caffe-tool {tool}" in info.stdout
+
+
+def test_a_cached_build_without_the_tool_gets_it_without_a_rebuild(tmp_path):
+    """An older cache (library, no bin/caffe): build_caffe.sh compiles only tools/caffe.cpp."""
+    caffe = import_caffe()
+    prefix = Path(caffe.__file__).parent.parent.parent
+    cache = Path(os.environ.get("D2C_CACHE", Path.home() / ".cache" / "d2c"))
+    assert prefix.parent == cache
+    copy = tmp_path / prefix.name
+    copy.mkdir()
+    for name in ("python", "include", "build-info.json", ".built"):
+        (copy / name).symlink_to(prefix / name)
+    (tmp_path / "src").symlink_to(cache / "src")
+    before = (prefix / "python" / "caffe" / "libcaffe.so").resolve().stat().st_mtime_ns
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "build_caffe.sh"), sys.executable], capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ, D2C_CACHE=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(copy / "python")
+    assert "compiling the caffe tool" in proc.stderr and "building (about" not in proc.stderr
+    assert (copy / "bin" / "caffe").is_file() and time.monotonic() - start < 600
+    assert (prefix / "python" / "caffe" / "libcaffe.so").resolve().stat().st_mtime_ns == before
+    again = subprocess.run(["bash", str(ROOT / "tools" / "build_caffe.sh"), sys.executable], capture_output=True,
+                           text=True, timeout=120, env=dict(os.environ, D2C_CACHE=str(tmp_path)))
+    assert again.returncode == 0 and "compiling" not in again.stderr    # cached: nothing to do
