@@ -167,12 +167,14 @@ def place_image(im: np.ndarray, w: int, h: int, dx: int, dy: int, canvas: np.nda
     padded = np.zeros((c, im_h + 1, im_w + 1), F32)     # the extra row/column is get_pixel_extend's 0
     padded[:, :im_h, :im_w] = im
     top_rows, bottom_rows = padded[:, iy, :], padded[:, iy + 1, :]
-    p00, p10 = np.take(top_rows, ix, axis=2), np.take(top_rows, ix + 1, axis=2)
-    p01, p11 = np.take(bottom_rows, ix, axis=2), np.take(bottom_rows, ix + 1, axis=2)
     gy_, fy_ = gy[:, None], fy[:, None]
     gx_, fx_ = gx[None, :], fx[None, :]
-    column = gy_ * p00                  # float32 throughout, in the build's order
-    column += fy_ * p01
+    # (1-dy)*p00 + dy*p01 depends on the source column only: blend whole source rows once, then
+    # gather (the same float operations on the same operands as blending after the gather).
+    blended = gy_ * top_rows            # float32 throughout, in the build's order
+    blended += fy_ * bottom_rows
+    column = np.take(blended, ix, axis=2)
+    p10, p11 = np.take(top_rows, ix + 1, axis=2), np.take(bottom_rows, ix + 1, axis=2)
     val = gx_ * column
     val += (fx_ * gy_) * p10
     val += (fx_ * fy_) * p11
