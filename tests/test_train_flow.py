@@ -131,3 +131,24 @@ def test_d2c_train_prefetch_gives_the_in_process_batches_and_stops_its_workers(f
         for (x0, t0), (x2, t2) in zip(one, two):
             np.testing.assert_array_equal(x0, x2)
             np.testing.assert_array_equal(t0, t2)
+
+
+def test_convert_train_solver_max_iter_is_never_zero_and_data_needs_train(flow, tmp_path):
+    from d2c.caffe.proto import parse_prototxt
+    coco = ROOT / "weights" / "yolov3-tiny.weights"
+    cfg = Path("/usr/share/darknet/cfg/yolov3-tiny.cfg")
+    proc = d2c("convert", str(cfg), str(coco), "-o", str(tmp_path / "a"), "--train")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "a" / "yolov3-tiny_solver.prototxt").read_text()
+    fields = parse_prototxt(text, "solver", "SolverParameter")
+    assert fields["max_iter"] == 500200 and "as with Darknet's -clear" in text    # the COCO weights saw them all
+    proc = d2c("convert", str(flow["cfg"]), "-o", str(tmp_path / "b"), "--train", "--data", str(flow["data"]),
+               "--max-iter", "7")
+    assert proc.returncode == 0, proc.stderr
+    fields = parse_prototxt((tmp_path / "b" / "tiny_solver.prototxt").read_text(), "solver", "SolverParameter")
+    assert fields["max_iter"] == 7 and Path(fields["net"]).is_absolute() and Path(fields["net"]).is_file()
+    train_net = (tmp_path / "b" / "tiny_train.prototxt").read_text()
+    assert "DarknetDetectionData" in train_net and 'type: "Input"' not in train_net
+    for bad, message in ((["--data", str(flow["data"])], "add --train"), (["--train", "--max-iter", "0"], ">= 1")):
+        proc = d2c("convert", str(flow["cfg"]), "-o", str(tmp_path / "c"), *bad)
+        assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "c").exists()
