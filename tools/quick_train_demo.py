@@ -4,7 +4,7 @@
 Why a second demo: tools/train_demo.py is the full proof (256 px, 300 iterations, Darknet
 comparisons, ~12 minutes); a newcomer first wants to see learning happen. This one uses the
 same pieces at a size a 2-core machine trains quickly (cfg/yolov3-tiny-shapes-quick.cfg: 160 px
-input, batch 8, learning rate 0.002 with a short burn-in, 150 batches; the COCO backbone of
+input, batch 8, learning rate 0.001 with a short burn-in, 150 batches; the COCO backbone of
 `--load-upto 15`) and does what the README's training flow does:
     d2c shapes -> d2c train -> mAP@0.5 on the held-out split before and after.
 Usage: .venv/bin/python tools/quick_train_demo.py [--out out/quick_demo] [--iterations N]
