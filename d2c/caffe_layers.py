@@ -60,16 +60,6 @@ DATA_SCHEMA: dict[str, Key] = {
 }
 
 
-def data_layer_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A checked copy of the layer's parameters (what convert writes and setup reads)."""
-    return load_params_obj(cfg)
-
-
-def load_params_obj(obj: dict[str, Any]) -> dict[str, Any]:
-    from d2c.loss.params import check_object
-    return check_object(obj, DATA_SCHEMA, "DarknetDetectionData param_str")
-
-
 def open_loader(cfg: dict[str, Any]) -> Any:
     """The PrefetchLoader the parameters describe (the .data file is read and checked here)."""
     from d2c.dataset import DataSpec, load_split
