@@ -184,8 +184,8 @@ def place_image(im: np.ndarray, w: int, h: int, dx: int, dy: int, canvas: np.nda
 def rgb_to_hsv(im: np.ndarray) -> np.ndarray:
     """image.c rgb_to_hsv: h in [0, 1) (h/6 in double), s = delta/max, v = max; float32."""
     r, g, b = (np.asarray(im[i], F32) for i in range(3))
-    mx = np.where(r > g, np.where(r > b, r, b), np.where(g > b, g, b))
-    mn = np.where(r < g, np.where(r < b, r, b), np.where(g < b, g, b))
+    mx = np.maximum(np.maximum(r, g), b)    # the value Darknet's comparison chain picks (no NaN in images)
+    mn = np.minimum(np.minimum(r, g), b)
     delta = (mx - mn).astype(F32, copy=False)
     with np.errstate(divide="ignore", invalid="ignore"):
         s = np.where(mx == 0, F32(0), delta / mx).astype(F32, copy=False)
