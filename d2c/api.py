@@ -44,13 +44,17 @@ class Detector:
     >>> record = det("dog.jpg", thresh=0.25)
     >>> [(d["name"], round(d["score"], 2)) for d in record["detections"]]
 
-    `model` is a `d2c convert` output directory or its .prototxt; `engine` is "caffe"
+    `model` is a `d2c convert` output directory or its .prototxt, or a `d2c train` run directory
+    or snapshot (converted on the fly, names from its .data); `engine` is "caffe"
     (pycaffe) or "opencv" (cv2.dnn on the same files); `names` a class names file (default:
     the names recorded at convert time, else COCO/VOC by class count, else numbers).
     """
 
     def __init__(self, model: str | Path, engine: str = "caffe", names: str | Path | None = None) -> None:
         from d2c.detect import Engine, class_names, load_model_files
+        from d2c.model_resolve import resolve_model   # a d2c train run or snapshot: its deploy model and names
+        model, run_names = resolve_model(model)
+        names = names or run_names
         files = load_model_files(model)
         heads = files.sidecar["heads"]
         if not heads:

@@ -146,63 +146,71 @@ def place_image(im: np.ndarray, w: int, h: int, dx: int, dy: int, canvas: np.nda
     one = F32(1)
     step_x = F32(F32(one / F32(w)) * F32(im_w))
     step_y = F32(F32(one / F32(h)) * F32(im_h))
-    rx = (np.arange(w, dtype=F32) * step_x).astype(F32)
-    ry = (np.arange(h, dtype=F32) * step_y).astype(F32)
+    rx = (np.arange(w, dtype=F32) * step_x).astype(F32, copy=False)
+    ry = (np.arange(h, dtype=F32) * step_y).astype(F32, copy=False)
     ix = np.floor(rx).astype(np.int64)
     iy = np.floor(ry).astype(np.int64)
-    fx = (rx - ix.astype(F32)).astype(F32)
-    fy = (ry - iy.astype(F32)).astype(F32)
-    gx = ((ix.astype(F32) + one).astype(F32) - rx).astype(F32)      # 1 - dx, as the build computes it
-    gy = ((iy.astype(F32) + one).astype(F32) - ry).astype(F32)
-    padded = np.zeros((c, im_h + 1, im_w + 1), F32)     # the extra row/column is get_pixel_extend's 0
-    padded[:, :im_h, :im_w] = im
-    p00 = padded[:, iy[:, None], ix[None, :]]
-    p01 = padded[:, iy[:, None] + 1, ix[None, :]]
-    p10 = padded[:, iy[:, None], ix[None, :] + 1]
-    p11 = padded[:, iy[:, None] + 1, ix[None, :] + 1]
-    gy_, fy_ = gy[:, None], fy[:, None]
-    gx_, fx_ = gx[None, :], fx[None, :]
-    column = (gy_ * p00).astype(F32) + (fy_ * p01).astype(F32)
-    val = (gx_ * column).astype(F32)
-    val = val + ((fx_ * gy_).astype(F32) * p10).astype(F32)
-    val = val + ((fx_ * fy_).astype(F32) * p11).astype(F32)
+    fx = (rx - ix.astype(F32, copy=False)).astype(F32, copy=False)
+    fy = (ry - iy.astype(F32, copy=False)).astype(F32, copy=False)
+    gx = ((ix.astype(F32, copy=False) + one).astype(F32, copy=False) - rx).astype(F32, copy=False)      # 1 - dx, as the build computes it
+    gy = ((iy.astype(F32, copy=False) + one).astype(F32, copy=False) - ry).astype(F32, copy=False)
     _, ch, cw = canvas.shape
     x0, y0 = max(dx, 0), max(dy, 0)
     x1, y1 = min(dx + w, cw), min(dy + h, ch)
-    if x1 > x0 and y1 > y0:
-        canvas[:, y0:y1, x0:x1] = val[:, y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+    if x1 <= x0 or y1 <= y0:
+        return
+    # Only the samples that land on the canvas are computed; rows are gathered first (contiguous
+    # copies), then columns along the last axis: the same values as a 2-D gather, ~2x faster.
+    rows, cols = slice(y0 - dy, y1 - dy), slice(x0 - dx, x1 - dx)
+    iy, fy, gy = iy[rows], fy[rows], gy[rows]
+    ix, fx, gx = ix[cols], fx[cols], gx[cols]
+    padded = np.zeros((c, im_h + 1, im_w + 1), F32)     # the extra row/column is get_pixel_extend's 0
+    padded[:, :im_h, :im_w] = im
+    top_rows, bottom_rows = padded[:, iy, :], padded[:, iy + 1, :]
+    gy_, fy_ = gy[:, None], fy[:, None]
+    gx_, fx_ = gx[None, :], fx[None, :]
+    # (1-dy)*p00 + dy*p01 depends on the source column only: blend whole source rows once, then
+    # gather (the same float operations on the same operands as blending after the gather).
+    blended = gy_ * top_rows            # float32 throughout, in the build's order
+    blended += fy_ * bottom_rows
+    column = np.take(blended, ix, axis=2)
+    p10, p11 = np.take(top_rows, ix + 1, axis=2), np.take(bottom_rows, ix + 1, axis=2)
+    val = gx_ * column
+    val += (fx_ * gy_) * p10
+    val += (fx_ * fy_) * p11
+    canvas[:, y0:y1, x0:x1] = val
 
 
 def rgb_to_hsv(im: np.ndarray) -> np.ndarray:
     """image.c rgb_to_hsv: h in [0, 1) (h/6 in double), s = delta/max, v = max; float32."""
     r, g, b = (np.asarray(im[i], F32) for i in range(3))
-    mx = np.where(r > g, np.where(r > b, r, b), np.where(g > b, g, b))
-    mn = np.where(r < g, np.where(r < b, r, b), np.where(g < b, g, b))
-    delta = (mx - mn).astype(F32)
+    mx = np.maximum(np.maximum(r, g), b)    # the value Darknet's comparison chain picks (no NaN in images)
+    mn = np.minimum(np.minimum(r, g), b)
+    delta = (mx - mn).astype(F32, copy=False)
     with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.where(mx == 0, F32(0), delta / mx).astype(F32)
+        s = np.where(mx == 0, F32(0), delta / mx).astype(F32, copy=False)
         h_r = (g - b) / delta
         h_g = F32(2) + (b - r) / delta
         h_b = F32(4) + (r - g) / delta
-    h = np.where(r == mx, h_r, np.where(g == mx, h_g, h_b)).astype(F32)
-    h = np.where(h < 0, (h + F32(6)).astype(F32), h)
-    h = (h.astype(F64) / 6.0).astype(F32)
+    h = np.where(r == mx, h_r, np.where(g == mx, h_g, h_b)).astype(F32, copy=False)
+    h = np.where(h < 0, (h + F32(6)).astype(F32, copy=False), h)
+    h = (h.astype(F64) / 6.0).astype(F32, copy=False)
     h = np.where(mx == 0, F32(0), h)          # grey pixels keep Darknet's NaN hue; it is never used
-    return np.stack([h, s, mx]).astype(F32)
+    return np.stack([h, s, mx]).astype(F32, copy=False)
 
 
 def hsv_to_rgb(im: np.ndarray) -> np.ndarray:
     """image.c hsv_to_rgb: sector = floor(6h), p/q/t in float32."""
-    h = (F32(6) * np.asarray(im[0], F32)).astype(F32)
+    h = (F32(6) * np.asarray(im[0], F32)).astype(F32, copy=False)
     s, v = np.asarray(im[1], F32), np.asarray(im[2], F32)
     one = F32(1)
     with np.errstate(invalid="ignore"):
         index = np.floor(h.astype(F64))
         index = np.where(np.isfinite(index), index, 0).astype(np.int64)
-        f = (h - index.astype(F32)).astype(F32)
-        p = (v * (one - s)).astype(F32)
-        q = (v * (one - (s * f).astype(F32))).astype(F32)
-        t = (v * (one - (s * (one - f)).astype(F32))).astype(F32)
+        f = (h - index.astype(F32, copy=False)).astype(F32, copy=False)
+        p = (v * (one - s)).astype(F32, copy=False)
+        q = (v * (one - (s * f).astype(F32, copy=False))).astype(F32, copy=False)
+        t = (v * (one - (s * (one - f)).astype(F32, copy=False))).astype(F32, copy=False)
     sectors = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v)]
     r, g, b = (np.array(x, copy=True) for x in (v, p, q))    # index >= 5 (and anything else)
     for k, (rk, gk, bk) in enumerate(sectors):
@@ -210,19 +218,19 @@ def hsv_to_rgb(im: np.ndarray) -> np.ndarray:
         r[m], g[m], b[m] = rk[m], gk[m], bk[m]
     grey = s == 0
     r[grey], g[grey], b[grey] = v[grey], v[grey], v[grey]
-    return np.stack([r, g, b]).astype(F32)
+    return np.stack([r, g, b]).astype(F32, copy=False)
 
 
 def distort_image(im: np.ndarray, hue: float, sat: float, val: float) -> np.ndarray:
     """image.c distort_image: HSV, scale s and v, shift h with wrap, back to RGB, clip to [0, 1]."""
     hsv = rgb_to_hsv(im)
-    hsv[1] = (hsv[1] * F32(sat)).astype(F32)
-    hsv[2] = (hsv[2] * F32(val)).astype(F32)
-    h = (hsv[0] + F32(hue)).astype(F32)
-    h = np.where(h > 1, (h - F32(1)).astype(F32), h)
-    h = np.where(h < 0, (h + F32(1)).astype(F32), h)
+    hsv[1] = (hsv[1] * F32(sat)).astype(F32, copy=False)
+    hsv[2] = (hsv[2] * F32(val)).astype(F32, copy=False)
+    h = (hsv[0] + F32(hue)).astype(F32, copy=False)
+    h = np.where(h > 1, (h - F32(1)).astype(F32, copy=False), h)
+    h = np.where(h < 0, (h + F32(1)).astype(F32, copy=False), h)
     hsv[0] = h
-    return np.clip(hsv_to_rgb(hsv), F32(0), F32(1)).astype(F32)
+    return np.clip(hsv_to_rgb(hsv), F32(0), F32(1)).astype(F32, copy=False)
 
 
 def flip_image(im: np.ndarray) -> np.ndarray:
@@ -250,27 +258,27 @@ def correct_boxes(boxes: np.ndarray, dx: F32, dy: F32, sx: F32, sy: F32, flip: b
     A box at x == y == 0 becomes 999999 in every coordinate, as in Darknet.
     """
     boxes = np.asarray(boxes, F32)
-    cls, x, y, w, h = (boxes[:, i].astype(F32) for i in range(5))
+    cls, x, y, w, h = (boxes[:, i].astype(F32, copy=False) for i in range(5))
     two = F32(2)
-    left = (x - (w / two).astype(F32)).astype(F32)
-    right = (x + (w / two).astype(F32)).astype(F32)
-    top = (y - (h / two).astype(F32)).astype(F32)
-    bottom = (y + (h / two).astype(F32)).astype(F32)
-    left_s, right_s = (left * sx).astype(F32), (right * sx).astype(F32)
-    top = ((top * sy).astype(F32) - dy).astype(F32)
-    bottom = ((bottom * sy).astype(F32) - dy).astype(F32)
+    left = (x - (w / two).astype(F32, copy=False)).astype(F32, copy=False)
+    right = (x + (w / two).astype(F32, copy=False)).astype(F32, copy=False)
+    top = (y - (h / two).astype(F32, copy=False)).astype(F32, copy=False)
+    bottom = (y + (h / two).astype(F32, copy=False)).astype(F32, copy=False)
+    left_s, right_s = (left * sx).astype(F32, copy=False), (right * sx).astype(F32, copy=False)
+    top = ((top * sy).astype(F32, copy=False) - dy).astype(F32, copy=False)
+    bottom = ((bottom * sy).astype(F32, copy=False) - dy).astype(F32, copy=False)
     if flip:   # 1 - (right*sx - dx), reassociated by the -Ofast build to (1 + dx) - right*sx
         shifted_one = F32(F32(1) + F32(dx))
-        left, right = (shifted_one - right_s).astype(F32), (shifted_one - left_s).astype(F32)
+        left, right = (shifted_one - right_s).astype(F32, copy=False), (shifted_one - left_s).astype(F32, copy=False)
     else:
-        left, right = (left_s - dx).astype(F32), (right_s - dx).astype(F32)
-    left, right = np.clip(left, 0, 1).astype(F32), np.clip(right, 0, 1).astype(F32)
-    top, bottom = np.clip(top, 0, 1).astype(F32), np.clip(bottom, 0, 1).astype(F32)
-    nx = ((left + right).astype(F32) / two).astype(F32)
-    ny = ((top + bottom).astype(F32) / two).astype(F32)
-    nw = np.clip((right - left).astype(F32), 0, 1).astype(F32)
-    nh = np.clip((bottom - top).astype(F32), 0, 1).astype(F32)
-    out = np.stack([cls, nx, ny, nw, nh], axis=1).astype(F32)
+        left, right = (left_s - dx).astype(F32, copy=False), (right_s - dx).astype(F32, copy=False)
+    left, right = np.clip(left, 0, 1).astype(F32, copy=False), np.clip(right, 0, 1).astype(F32, copy=False)
+    top, bottom = np.clip(top, 0, 1).astype(F32, copy=False), np.clip(bottom, 0, 1).astype(F32, copy=False)
+    nx = ((left + right).astype(F32, copy=False) / two).astype(F32, copy=False)
+    ny = ((top + bottom).astype(F32, copy=False) / two).astype(F32, copy=False)
+    nw = np.clip((right - left).astype(F32, copy=False), 0, 1).astype(F32, copy=False)
+    nh = np.clip((bottom - top).astype(F32, copy=False), 0, 1).astype(F32, copy=False)
+    out = np.stack([cls, nx, ny, nw, nh], axis=1).astype(F32, copy=False)
     corner = (x == 0) & (y == 0)
     out[corner, 1:] = F32(999999)
     return out
@@ -435,6 +443,72 @@ def detection_batch(samples: list, n: int, w: int, h: int, *,
         images[k], truth[k] = one.image, one.truth
         params.append(one.params)
     return DetectionBatch(images=images, truth=truth, indices=np.array(chosen), params=params)
+
+
+# --------------------------------------------------------------------------------------------
+# Planned batches: the random draws taken in order, the pixel work done elsewhere
+# --------------------------------------------------------------------------------------------
+
+#: rand() calls of one augmented image besides one per box: width and height jitter, dx, dy,
+#: hue, saturation (value + coin), exposure (value + coin), flip.
+DRAWS_PER_IMAGE = 10
+
+
+class ReplayRand:
+    """rand() values drawn earlier (plan_detection_batch), replayed in the same order.
+
+    Why: the draws of a Darknet batch are sequential (each image's depend on the state left by
+    the previous one) but cheap; the pixel work is not. Drawing them up front in one process and
+    replaying them in workers keeps the stream, and so every tensor, identical to detection_batch's.
+    """
+
+    def __init__(self, values: tuple[int, ...] | list[int]) -> None:
+        self.values = values
+        self.used = 0
+
+    def rand(self) -> int:
+        if self.used >= len(self.values):
+            raise ValueError(f"ReplayRand: more than the {len(self.values)} planned draws were requested")
+        value = self.values[self.used]
+        self.used += 1
+        return int(value)
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One image of a planned batch: which sample, and the rand() values its augmentation uses."""
+
+    index: int
+    draws: tuple[int, ...]
+
+
+def image_draws(box_count: int, no_augment: bool) -> int:
+    """How many rand() calls augment_detection makes for an image with `box_count` boxes."""
+    return 0 if no_augment else DRAWS_PER_IMAGE + box_count
+
+
+def plan_detection_batch(samples: list, n: int, rng: np.random.Generator | RandSource, *,
+                         no_augment: bool = False) -> list[PlannedImage]:
+    """detection_batch's draws without the pixel work: the n picks (rand() % m), then each
+    image's augmentation draws, taken from `rng` in exactly detection_batch's order."""
+    if not samples:
+        raise DatasetError("no samples to build a batch from")
+    src = _source(rng)
+    chosen = [src.rand() % len(samples) for _ in range(n)]
+    return [PlannedImage(index, tuple(src.rand() for _ in range(image_draws(len(samples[index].boxes), no_augment))))
+            for index in chosen]
+
+
+def render_planned(image: np.ndarray, sample: object, planned: PlannedImage, w: int, h: int, *,
+                   max_boxes: int = YOLO_MAX_BOXES, jitter: float = 0.2, hue: float = 0.0,
+                   saturation: float = 1.0, exposure: float = 1.0, no_augment: bool = False) -> DetectionSample:
+    """augment_detection of one planned image; every planned draw must be used (exactness check)."""
+    src = ReplayRand(planned.draws)
+    one = augment_detection(image, sample.boxes, w, h, rng=src, max_boxes=max_boxes,  # type: ignore[attr-defined]
+                            jitter=jitter, hue=hue, saturation=saturation, exposure=exposure, no_augment=no_augment)
+    if src.used != len(planned.draws):
+        raise ValueError(f"render_planned: {src.used} of {len(planned.draws)} planned draws used")
+    return one
 
 
 # --------------------------------------------------------------------------------------------

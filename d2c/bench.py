@@ -218,11 +218,38 @@ def bench(models: list[ModelSpec], opts: BenchOptions, work: Path) -> dict[str, 
         bar.update(1)
     finally:
         bar.close()
+    loader = bench_loader(work / "loader", opts)
     machine["load_average_end"] = list(os.getloadavg())
     machine.update(_engine_versions(results))
     report = summarise(results, parity, machine, opts)
+    report["loader"] = loader
+    report["targets"] += loader_targets(loader)
     report["bench_seconds"] = round(time.perf_counter() - started, 1)
     return report
+
+
+def bench_loader(work: Path, opts: BenchOptions) -> dict[str, Any]:
+    """d2c's data loader against Darknet's load_data_detection, and its share of a training
+    iteration with prefetch (d2c.loader_bench; the share is skipped with --quick)."""
+    from d2c.loader_bench import measure_loader
+    try:
+        return measure_loader(work, cores=opts.threads, tiny_weights=TINY_WEIGHTS if TINY_WEIGHTS.is_file() else None,
+                              share=not opts.quick)
+    except (D2CError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return {"reason": f"loader bench failed: {exc}"}
+
+
+def loader_targets(loader: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    if "per_core_ratio" in loader:
+        ratio = loader["per_core_ratio"]
+        out.append({"target": "d2c loader images/s per core / Darknet's", "model": "shapes 416", "value": ratio,
+                    "limit": 1.0, "ok": ratio >= 1.0})
+    if "loader_share" in loader:
+        share = loader["loader_share"]
+        out.append({"target": "loader share of a training iteration (prefetch)", "model": "yolov3-tiny",
+                    "value": share, "limit": TARGET_LOSS_SHARE, "ok": share <= TARGET_LOSS_SHARE})
+    return out
 
 
 def bench_model(spec: ModelSpec, opts: BenchOptions, work: Path, bar: Any) -> dict[str, Any]:
@@ -1058,10 +1085,16 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"training: n/a ({report['train_reason']})")
     p = report["parity"]
     lines.append(f"d2c parity: {_fmt(p.get('seconds'), '.1f', ' s')}" + (f" ({p['reason']})" if p.get("reason") else ""))
+    loader = report.get("loader") or {}
+    if "per_core_ratio" in loader:
+        from d2c.loader_bench import format_rows
+        lines += format_rows(loader)
+    elif loader.get("reason"):
+        lines.append(f"loader: n/a ({loader['reason']})")
     lines += ["", "targets:"]
     for t in report["targets"]:
         mark = "n/a " if t["ok"] is None else ("PASS" if t["ok"] else "MISS")
-        op = ">=" if "Darknet forward /" in t["target"] else "<="
+        op = ">=" if "Darknet forward /" in t["target"] or "per core" in t["target"] else "<="
         lines.append(f"  {mark} {t['target']} [{t['model']}]: {_fmt(t['value'], '.3f')} ({op} {t['limit']})")
     lines.append(f"bench took {report['bench_seconds']:.0f} s")
     return "\n".join(lines)

@@ -45,9 +45,12 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-trailing", action="store_true", help="accept extra bytes after the last layer")
     p.add_argument("--continue-on-error", action="store_true",
                    help="convert up to the first unsupported section, reporting every problem")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and the data layer's picks/augmentation")
     p.add_argument("--names", help="class names file (e.g. coco.names) to record in the sidecar for `d2c detect`; "
                                    "must have one name per class")
+    p.add_argument("--data", help="with --train: a Darknet .data file the train net reads (DarknetDetectionData), "
+                                  "so `caffe train` runs as is")
+    p.add_argument("--max-iter", type=int, help="with --train: solver max_iter (default: max_batches - seen/B)")
     p.set_defaults(func=_run_convert)
 
 
@@ -56,7 +59,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     rep = d2c.convert(args.cfg, args.weights, args.out, flavor=args.darknet, fold_bn=args.fold_bn,
                       continue_on_error=args.continue_on_error, allow_trailing=args.allow_trailing,
                       seed=args.seed, train=args.train, bn=args.bn, batch=args.batch, progress=True,
-                      name=args.name, names=args.names)
+                      name=args.name, names=args.names, data=args.data,
+                      max_iter=args.max_iter)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"d2c convert: {args.cfg}" + (f" + {args.weights}" if args.weights else " (random weights, seed "
@@ -76,7 +80,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _add_detect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="run a converted model on images, folders, lists or videos, "
                                       "Darknet-exact pre/post-processing")
-    p.add_argument("model", help="output directory of `d2c convert`, or its .prototxt")
+    p.add_argument("model", help="output directory of `d2c convert` or its .prototxt; or a `d2c train` run "
+                                 "directory or snapshot (converted on the fly, class names from its .data)")
     p.add_argument("images", nargs="+", metavar="INPUT",
                    help="image, folder (its images, sorted by name), @LIST (one path per line) or video "
                         "(.mp4, .avi, ...: frame by frame)")
@@ -135,6 +140,7 @@ MODULE_COMMANDS = [
     ("train", "d2c.train", "train a Darknet cfg in Caffe from a Darknet-style dataset"),
     ("export", "d2c.export", "Caffe caffemodel -> Darknet .weights"),
     ("bench", "d2c.bench", "conversion, forward and training speed side by side"),
+    ("shapes", "d2c.shapes", "write the seeded demo detection dataset (coloured shapes) in Darknet's layout"),
 ]
 
 

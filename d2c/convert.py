@@ -104,13 +104,17 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
             flavor: str | None = None, fold_bn: bool = False, continue_on_error: bool = False,
             allow_trailing: bool = False, seed: int = 0, train: bool = False, bn: str = "exact",
             batch: int | None = None, progress: bool = False, name: str | None = None,
-            names: str | Path | None = None) -> ConvertReport:
+            names: str | Path | None = None, data: str | Path | None = None,
+            max_iter: int | None = None) -> ConvertReport:
     """Convert and write OUT/<stem>.prototxt, .caffemodel, .json (and the train net with `train`).
 
     `names`: a class names file, checked against the class count and recorded in the sidecar so
-    `d2c detect` labels boxes with it.
+    `d2c detect` labels boxes with it. `data` (with `train`): the Darknet .data file the train
+    net's data layer reads; `max_iter`: the solver's, instead of max_batches minus seen.
     """
     start = time.perf_counter()
+    if (data is not None or max_iter is not None) and not train:
+        raise D2CError("--data and --max-iter describe the training net: add --train")
     graph = load_graph(cfg_path, flavor, continue_on_error=continue_on_error)
     if weights_path is None:
         header, arrays = WeightsHeader(), random_weights(graph, seed)
@@ -155,7 +159,8 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
             atomic_write_text(stage / files["sidecar"].name, json.dumps(sidecar, indent=1) + "\n")
             if train_conv is not None:
                 from d2c.train_files import write_train_files
-                extra = [out / p.name for p in write_train_files(train_conv, stage, stem)]
+                extra = [out / p.name for p in write_train_files(train_conv, stage, stem, data=data, seed=seed,
+                                                                 max_iter=max_iter, final_dir=out)]
     except ParamError as exc:  # a value that fits Darknet's int/float but not a Caffe field's type
         raise CfgError(f"{cfg_path}: {exc}", exc.problems) from None
     except OSError as exc:

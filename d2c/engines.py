@@ -58,6 +58,14 @@ def caffe_build_info(caffe_dir: Path | None) -> Any:
     return {"note": f"no {path.name} (not built by tools/build_caffe.sh, or by an older one)"}
 
 
+def caffe_tool(caffe_dir: Path | None) -> Path | None:
+    """Caffe's own `caffe` binary, which tools/build_caffe.sh installs beside python/ (bin/caffe)."""
+    if caffe_dir is None:
+        return None
+    tool = caffe_dir.parent.parent / "bin" / "caffe"
+    return tool if tool.is_file() and os.access(tool, os.X_OK) else None
+
+
 def engine_info() -> dict[str, str]:
     """One line per engine: where it is and which version (for `d2c info` and reports)."""
     info: dict[str, str] = {}
@@ -76,6 +84,9 @@ def engine_info() -> dict[str, str]:
         built = (f"; built {build['cxxflags']}, BLAS {build.get('blas', '?')}, "
                  f"patches: {', '.join(build.get('patches') or ['none'])}" if "cxxflags" in build else "")
         info["caffe"] = f"{caffe_dir} (BVLC Caffe {version}, CPU{built})"
+        tool = caffe_tool(caffe_dir)
+        info["caffe-tool"] = (f"{tool} (Caffe's `caffe` binary; `caffe` on the venv's PATH runs it with the venv's "
+                              f"Python)" if tool else "missing: run `make setup` (tools/build_caffe.sh builds it)")
     except EngineError as exc:
         info["caffe"] = f"missing: {exc}"
     try:

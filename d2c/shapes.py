@@ -14,6 +14,8 @@ Shapes never overlap, so every box is fully visible and its label is its drawn e
 """
 from __future__ import annotations
 
+import argparse
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,3 +180,28 @@ def make_shapes_dataset(out_dir: str | Path, *, count: int = 300, size: int = 41
                       f"names = {prefix}shapes.names\nbackup = {prefix}backup/\n")
     return ShapesDataset(root=root, data_file=root / "shapes.data",
                          train=[root / e for e in train], valid=[root / e for e in valid])
+
+
+# --------------------------------------------------------------------------------------------
+# `d2c shapes OUT`
+# --------------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="directory to write (created if needed)")
+    p.add_argument("--count", type=int, default=300, help="number of images (default 300)")
+    p.add_argument("--size", type=int, default=416, help="square image side in pixels (default 416)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--valid-fraction", type=float, default=0.2, help="held-out share (default 0.2)")
+    p.add_argument("--max-shapes", type=int, default=4, help="at most this many objects per image")
+    p.add_argument("--format", choices=FORMATS, default="jpg", help="image format (default jpg)")
+    p.add_argument("--absolute", action="store_true",
+                   help="write absolute paths in the lists and .data (Darknet from any directory)")
+
+
+def run(args: argparse.Namespace) -> int:
+    ds = make_shapes_dataset(args.out, count=args.count, size=args.size, seed=args.seed,
+                             valid_fraction=args.valid_fraction, max_shapes=args.max_shapes,
+                             image_format=args.format, absolute_paths=args.absolute)
+    print(f"wrote {len(ds.train)} train + {len(ds.valid)} valid images ({', '.join(CLASSES)}) to {ds.root}")
+    print(f"  data file: {ds.data_file}")
+    return 0

@@ -120,6 +120,7 @@ class TrainOptions:
     progress: bool = True
     verbose: bool = True
     evaluate_map: bool = False
+    workers: int = 2                 # loader worker processes (0: load in the training process)
 
     def check(self) -> None:
         if self.snapshot_every < 1:
@@ -139,6 +140,8 @@ class TrainOptions:
             raise D2CError(f"--bn must be exact or stock, got {self.bn!r}")
         if self.keep < 1:
             raise D2CError(f"--keep must be >= 1, got {self.keep}")
+        if self.workers < 0:
+            raise D2CError(f"--workers must be >= 0, got {self.workers}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,12 +398,17 @@ class Trainer:
         last = self.graph.nodes[-1]
         record_boxes = self.net.blobs["truth"].data.shape[1] // 5
         net_sec = self.graph.net.section
-        self.source = BatchSource(
+        self.random = float(last.attrs.get("random") or 0.0) != 0.0 and last.kind in ("yolo", "region")
+        # Batches are rendered ahead by worker processes (d2c.loader), except with multi-scale, whose
+        # size draws interleave with the batch draws on the same Generator.
+        from d2c.loader import PrefetchBatchSource
+        source_class = BatchSource if self.random or options.workers == 0 else PrefetchBatchSource
+        self.source = source_class(
             self.samples, self.b, self.S, self.width, self.height, rng=self.rng, record_boxes=record_boxes,
             loader_boxes=int(last.attrs.get("max_boxes") or record_boxes), jitter=float(last.attrs.get("jitter", 0.2)),
             hue=net_sec.get_float("hue", 0.0), saturation=net_sec.get_float("saturation", 1.0),
-            exposure=net_sec.get_float("exposure", 1.0), no_augment=options.no_augment)
-        self.random = float(last.attrs.get("random") or 0.0) != 0.0 and last.kind in ("yolo", "region")
+            exposure=net_sec.get_float("exposure", 1.0), no_augment=options.no_augment,
+            **({} if source_class is BatchSource else {"workers": options.workers}))
         self.start_iteration = self.iteration
         self.stop_requested = False
         self.last_snapshot: Path | None = self.snapshot_dir if state is not None else None
@@ -499,7 +507,7 @@ class Trainer:
     # -- state (snapshot files and in-memory backup) -----------------------------------------
     def _state_meta(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "iteration": self.iteration, "seen": self.sgd.seen, "t": self.sgd.t,
-                "rng": self.rng.bit_generator.state, "avg_loss": float(self.avg_loss), "rows": self.rows,
+                "rng": self._rng_state(), "avg_loss": float(self.avg_loss), "rows": self.rows,
                 "size": [self.width, self.height], "seed": self.seed, "bn": self.bn,
                 "cfg_sha256": hashlib.sha256(self.cfg_text.encode()).hexdigest()}
 
@@ -519,10 +527,15 @@ class Trainer:
         meta["sgd"] = {"version": meta.pop("sgd_version"), "seen": meta["seen"], "t": meta["t"], "U": buffers}
         return meta
 
+    def _rng_state(self) -> dict[str, Any]:
+        """The data Generator's state after the batches used so far (not those drawn ahead)."""
+        source = getattr(self, "source", None)
+        return source.rng_state() if hasattr(source, "rng_state") else self.rng.bit_generator.state
+
     def _capture(self) -> dict[str, Any]:
         """Everything one iteration changes, to undo a failed or interrupted iteration."""
         return {"params": {name: [np.array(b.data, copy=True) for b in blobs] for name, blobs in self.net.params.items()},
-                "sgd": self.sgd.state_dict(), "rng": copy.deepcopy(self.rng.bit_generator.state),
+                "sgd": self.sgd.state_dict(), "rng": copy.deepcopy(self._rng_state()),
                 "avg": self.avg_loss, "rows": len(self.rows)}
 
     def _restore(self, backup: dict[str, Any]) -> None:
@@ -530,7 +543,10 @@ class Trainer:
             for blob, value in zip(self.net.params[name], blobs):
                 blob.data[...] = value
         self.sgd.load_state_dict(backup["sgd"])
-        self.rng.bit_generator.state = backup["rng"]
+        if hasattr(self.source, "reset"):
+            self.source.reset(backup["rng"])     # drop the batches the loader drew ahead
+        else:
+            self.rng.bit_generator.state = backup["rng"]
         self.avg_loss = backup["avg"]
         del self.rows[backup["rows"]:]
 
@@ -793,6 +809,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if hasattr(self.source, "close"):
+                self.source.close()      # workers stop; a later step() starts them again
         final_weights = self.out / f"{self.stem}_final.weights"
         try:
             with atomic_write(final_weights) as handle, open(final / f"{self.stem}.weights", "rb") as src:
@@ -866,13 +884,26 @@ def train(options: TrainOptions, callback: Callable[[Trainer, dict[str, Any]], N
 # CLI
 # --------------------------------------------------------------------------------------------
 
+def gpu_error(gpus: int) -> None:
+    """`--gpus N`: refuse clearly. This Caffe is built CPU_ONLY; the multi-GPU design (README,
+    "Several GPUs") is written down but not implemented, because it cannot be tested here."""
+    if gpus < 0:
+        raise D2CError(f"--gpus must be >= 1, got {gpus}")
+    raise D2CError(f"--gpus {gpus}: this Caffe build is CPU-only (tools/build_caffe.sh builds CPU_ONLY), so it has no "
+                   f"GPU or NCCL support; train on the CPU (omit --gpus). The README's \"Several GPUs\" section "
+                   f"describes how Darknet's -gpus splits the batch.")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="Darknet .data file (classes, train, valid, names, backup)")
-    p.add_argument("cfg", help="Darknet .cfg with [yolo] or [region] heads")
+    p.add_argument("data", nargs="?", help="Darknet .data file (classes, train, valid, names, backup)")
+    p.add_argument("cfg", nargs="?", help="Darknet .cfg with [yolo] or [region] heads")
     p.add_argument("weights", nargs="?", help="pretrained .weights (all layers, or the first L with --load-upto)")
     p.add_argument("--max-batches", type=int, help="stop at this batch number (default: the cfg's max_batches)")
     p.add_argument("--snapshot-every", type=int, default=100, help="snapshot every K iterations (default 100)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last snapshot")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue a run from its last snapshot: `--resume RUN_DIR` alone, or DATA CFG --resume --out DIR")
+    p.add_argument("--gpus", type=int, default=0, metavar="N",
+                   help="train on N GPUs (needs a CUDA build of Caffe; this build is CPU-only)")
     p.add_argument("--out", help="output directory (default: the .data file's backup directory)")
     p.add_argument("--load-upto", type=int, metavar="L",
                    help="load only layers 0..L-1 from WEIGHTS (Darknet's partial backbone, e.g. 15 for yolov3-tiny); "
@@ -889,17 +920,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clear", action="store_true", help="start the schedule at seen = 0 (Darknet's -clear)")
     p.add_argument("--keep", type=int, default=DEFAULT_KEEP, help=f"snapshots kept (default {DEFAULT_KEEP})")
     p.add_argument("--map", action="store_true", help="report mAP@0.5 on the .data file's valid list at the end")
+    p.add_argument("--workers", type=int, default=2, help="loader worker processes that prepare the next batches "
+                                                          "(default 2; 0: load between steps, in this process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-iteration lines")
 
 
+def resume_arguments(args: argparse.Namespace) -> None:
+    """`--resume RUN_DIR`: the run directory is --out, and DATA and CFG come from its run.json
+    (the cfg the run recorded, with its [net] overrides already applied)."""
+    if args.resume is True or args.resume is False:
+        return
+    run_dir = Path(args.resume)
+    if args.out and Path(args.out) != run_dir:
+        raise D2CError(f"--resume {run_dir} and --out {args.out} name different runs")
+    args.out = str(run_dir)
+    path = run_dir / RUN_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        recorded_data, recorded_cfg = info["data"], info["cfg"]
+    except FileNotFoundError:
+        raise D2CError(f"--resume {run_dir}: no {RUN_FILE} here; is this a `d2c train` output directory?") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise D2CError(f"--resume {run_dir}: cannot read {path}: {exc}") from None
+    if args.data is None:
+        data = Path(recorded_data)
+        if not data.is_file():
+            raise D2CError(f"--resume {run_dir}: the run's .data file {data} is not found from here; pass DATA CFG "
+                           f"--resume --out {run_dir}")
+        args.data = str(data)
+    if args.cfg is None:
+        args.cfg = str(run_dir / recorded_cfg)
+    args.resume = True
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.gpus:
+        gpu_error(args.gpus)
+    resume_arguments(args)
+    if args.data is None or args.cfg is None:
+        raise D2CError("DATA and CFG are required (or `--resume RUN_DIR` to continue a run)")
     options = TrainOptions(
         data=Path(args.data), cfg=Path(args.cfg), weights=Path(args.weights) if args.weights else None,
         out=Path(args.out) if args.out else None, max_batches=args.max_batches, snapshot_every=args.snapshot_every,
-        resume=args.resume, load_upto=args.load_upto, bn=args.bn, no_augment=args.no_augment,
+        resume=bool(args.resume), load_upto=args.load_upto, bn=args.bn, no_augment=args.no_augment,
         skip_bad=args.skip_bad, seed=args.seed, batch=args.batch, subdivisions=args.subdivisions,
         size=tuple(args.size) if args.size else None, clear=args.clear, keep=args.keep,
-        progress=not args.quiet and sys.stderr.isatty(), verbose=not args.quiet, evaluate_map=args.map)
+        progress=not args.quiet and sys.stderr.isatty(), verbose=not args.quiet, evaluate_map=args.map,
+        workers=args.workers)
     trainer = Trainer(options)
     for note in trainer.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -74,6 +74,8 @@ def test_quick_report_numbers_are_physical(quick_report: dict) -> None:
     # Same weights, same images, same truth: the two losses are the same Darknet cost.
     assert np.isfinite(train["caffe_loss"]) and np.isfinite(train["darknet_loss"])
     assert {t["target"] for t in quick_report["targets"]} >= {"convert time / read+write baseline"}
+    loader = quick_report["loader"]    # --quick: loader images/s rows, no training share
+    assert loader["darknet_per_core_ips"] > 0 and loader["d2c_per_core_ips"] > 0 and loader["d2c_workers_ips"] > 0
 
 
 def test_bench_rejects_missing_files(tmp_path: Path) -> None:

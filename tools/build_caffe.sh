@@ -33,7 +33,32 @@ fast_key=stock
 [ "$FAST" = 1 ] && fast_key=$(cat "$here/caffe_perf/apply.py" "$here/caffe_perf/d2c_fast_cpu.hpp" | sha1sum | cut -c1-8)
 flags_key=$(printf '%s|%s|%s' "$CXXFLAGS" "$BLAS" "$fast_key" | sha1sum | cut -c1-8)
 prefix="$CACHE/caffe-${CAFFE_VERSION//[^A-Za-z0-9.]/_}-$key-$flags_key"
-if [ -f "$prefix/.built" ]; then echo "$prefix/python"; exit 0; fi
+
+# Caffe's own `caffe` tool (train/test/time from the command line), compiled from tools/caffe.cpp
+# against the installed libcaffe.so. Every computation lives in libcaffe.so, which this step never
+# touches, so the tool adds no numerics of its own and an existing cached build gets it without a
+# rebuild. WITH_PYTHON_LAYER makes a Python layer's exception print its traceback (CMake's tool
+# target lacks that define).
+build_tool() {
+  local src_tree="$1" tool="$prefix/bin/caffe" tmp
+  [ -x "$tool" ] && return 0
+  [ -f "$src_tree/tools/caffe.cpp" ] || { echo "[build_caffe] $src_tree/tools/caffe.cpp missing" >&2; exit 1; }
+  local pyinc_ blasdir_ boost_py
+  pyinc_=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  blasdir_=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["blas_dir"])' "$prefix/build-info.json")
+  boost_py=$("$PY" -c 'import sys; print("boost_python%d%d" % sys.version_info[:2])')
+  echo "[build_caffe] compiling the caffe tool (tools/caffe.cpp) against the cached libcaffe.so" >&2
+  mkdir -p "$prefix/bin"
+  tmp=$(mktemp "$prefix/bin/.caffe.XXXXXX")
+  g++ $CXXFLAGS -DNDEBUG -DCPU_ONLY -DUSE_LMDB -DWITH_PYTHON_LAYER -DCAFFE_VERSION=1.0.0 -DBOOST_BIND_GLOBAL_PLACEHOLDERS -DBOOST_ALLOW_DEPRECATED_HEADERS \
+    -I"$src_tree/include" -I"$prefix/include" -I"$pyinc_" "$src_tree/tools/caffe.cpp" -o "$tmp" \
+    -L"$prefix/python/caffe" -lcaffe -lglog -lgflags -lprotobuf -lboost_system -l"$boost_py" \
+    -Wl,-rpath,"\$ORIGIN/../python/caffe:$blasdir_:/usr/lib/x86_64-linux-gnu/hdf5/serial" \
+    $(ldd "$prefix/python/caffe/libcaffe.so" | awk '/libpython/ {print $3}') \
+    >&2 || { rm -f "$tmp"; exit 1; }
+  mv -f "$tmp" "$tool"
+}
+if [ -f "$prefix/.built" ] && [ -x "$prefix/bin/caffe" ]; then echo "$prefix/python"; exit 0; fi
 
 log() { echo "[build_caffe] $*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
@@ -71,6 +96,8 @@ if [ ! -f "$tree/.d2c-patched" ]; then
   sed -i 's/SetTotalBytesLimit(kProtoReadBytesLimit, 536870912)/SetTotalBytesLimit(kProtoReadBytesLimit)/' "$tree/src/caffe/util/io.cpp"
   touch "$tree/.d2c-patched"
 fi
+# A cached library from before the tool was built: add the tool only (the library is not rebuilt).
+if [ -f "$prefix/.built" ]; then build_tool "$tree"; echo "$prefix/python"; exit 0; fi
 build="$prefix-build"
 mkdir -p "$build"  # kept until success, so a failed install step does not rebuild
 patches="[]"
@@ -104,6 +131,7 @@ done
 cp -r "$build/include" "$prefix/include" 2>/dev/null || true
 printf '{"caffe": "%s", "cxxflags": "%s", "blas": "%s", "blas_dir": "%s", "key": "%s-%s", "patches": %s}\n' \
   "$CAFFE_VERSION" "$CXXFLAGS" "$BLAS" "$blasdir" "$key" "$flags_key" "$patches" > "$prefix/build-info.json"
+build_tool "$tree"
 touch "$prefix/.built"
 rm -rf "$build"
 echo "$prefix/python"

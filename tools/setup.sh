@@ -24,4 +24,14 @@ if [ -f "$site/d2c_caffe.pth" ] || ! .venv/bin/python -c 'import caffe' >/dev/nu
 fi
 # AlexeyAB's Darknet (the second real engine, for v4/v7-era cfgs): built once into the cache.
 bash tools/build_alexeyab.sh >/dev/null
+# `caffe` on the venv's PATH: Caffe's own tool, run with this venv's Python so Python layers
+# (d2c's loss, BN and data layers) import d2c, numpy and pycaffe. Embedded Python finds the venv
+# through the `python3` first on PATH.
+tool="$(dirname "$(cat "$site/d2c_caffe.pth" 2>/dev/null || echo /nonexistent/python)")/bin/caffe"
+if [ -x "$tool" ]; then
+  venv_bin="$(pwd)/.venv/bin"
+  printf '#!/bin/sh\n# Written by tools/setup.sh: BVLC Caffe'"'"'s caffe tool with this venv'"'"'s Python for Python layers.\nPATH="%s:$PATH" exec "%s" "$@"\n' \
+    "$venv_bin" "$tool" > .venv/bin/caffe.tmp
+  chmod +x .venv/bin/caffe.tmp && mv -f .venv/bin/caffe.tmp .venv/bin/caffe
+fi
 GLOG_minloglevel=2 .venv/bin/python -c 'import caffe, d2c, cv2; print("[setup] caffe, d2c and OpenCV", cv2.__version__, "import fine")'
