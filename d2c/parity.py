@@ -1,6 +1,6 @@
 """`d2c parity`: the real Darknet and the real Caffe side by side, on the same everything.
 
-The protocol (DESIGN.md): the same cfg (batch and subdivisions forced small), the same weights
+The protocol: the same cfg (batch and subdivisions forced small), the same weights
 (given, or seeded well-conditioned random ones), the same letterboxed images and truth boxes.
 Then compare (1) every layer's forward output, (2) the loss, (3) the head gradient (Darknet's
 l.delta against minus the Caffe bottom diff times the mini-batch), (4) every weight, bias, BN

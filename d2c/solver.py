@@ -1,15 +1,15 @@
 """Darknet's exact SGD update, driven from Python over a pycaffe Net.
 
 Why not Caffe's SGDSolver: Caffe keeps its momentum history *after* multiplying by the learning
-rate, Darknet keeps it *before* (darknet-semantics.md §7.4 item 7), Caffe has no burn-in, and
+rate, Darknet keeps it *before*, Caffe has no burn-in, and
 pycaffe cannot reach the solver history to fix either. So the update is done here, literally as
-pjreddie's update_convolutional_layer does it (§5.4), on the blobs of a Caffe net whose
+pjreddie's update_convolutional_layer does it, on the blobs of a Caffe net whose
 forward/backward computes the gradients:
 
 - per mini-batch (train_network_datum): seen += b; forward; backward; the parameter diffs are
   turned into Darknet's summed negative gradients G = -b*diff and added into the Darknet-style
   buffers U (reading and clearing the diffs after every pass also avoids Caffe's Scale N = 1
-  gamma bug, §6.7); the update fires when (seen/b) % S == 0;
+  gamma bug); the update fires when (seen/b) % S == 0;
 - update: eta = get_current_rate (k = seen/(b*S) after the increment), then for every learnable
   blob, with rho = lr_mult and B = b*S, in float32 exactly as the C code rounds:
   weights: U += (-lambda*B)*W;  W += (eta*rho/B)*U;  U *= mu

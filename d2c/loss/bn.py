@@ -26,7 +26,7 @@ Float fidelity (the Debian -Ofast build):
 - normalise: (x - mean) in float, divided in double by sqrt((double)var) + (double)1e-6f,
   rounded to float.
 - rolling statistics: r = (float)(r*0.99f) + (float)(0.01f*v), once per training forward.
-- backward (§5.3): mean_delta and variance_delta are sequential float sums, scaled in double;
+- backward: mean_delta and variance_delta are sequential float sums, scaled in double;
   the per-element sum is evaluated in double from the float pieces and rounded once. -Ofast
   reassociated normalize_delta_cpu: the first term multiplies by the hoisted double 1/sqrt,
   the mean term is mean_delta times the float reciprocal (float)(1/m), and the sum is
@@ -224,7 +224,7 @@ def bn_infer_forward(x: np.ndarray, rolling_mean: np.ndarray, rolling_variance: 
 
 def bn_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, variance: np.ndarray,
                 flavor: str = "pjreddie") -> np.ndarray:
-    """§5.3 backward for x̂ only (dy = gradient w.r.t. x̂, i.e. after the gamma factor).
+    """The backward for x̂ only (dy = gradient w.r.t. x̂, i.e. after the gamma factor).
 
     With v = unbiased batch variance, e = 1e-5f, m = b*H*W, per channel:
       dmu = (sum dy) * (-1/sqrt(v+e)),  dvar = (sum dy*(x-mu)) * (-0.5*(v+e)^(-3/2)),

@@ -68,7 +68,7 @@ def _box_delta(hd: _Head, base: np.ndarray, i, j, aw, ah, truth: Box, scale, tw_
 
 
 def region_loss(z: np.ndarray, truth: np.ndarray, p: RegionParams, seen: int) -> LossResult:
-    """Darknet's [region] training forward (§4.3).
+    """Darknet's [region] training forward.
 
     `seen` is Darknet's *net.seen after the increment for the current mini-batch
     (train_network_datum adds b before the forward), so the prior warm-up applies while

@@ -19,7 +19,7 @@ Conventions
 - pjreddie reads box t of image b at flat offset (b·K + t)·5 of the whole buffer, for t < max
   (90), exactly like Darknet (l.truths = 450 = K·5 with K = 90): a `max` larger than K reads
   into the next image's record, as the C code does. AlexeyAB reads at most min(max, K) boxes.
-- δ is Darknet's l.delta: target − output, i.e. the negative gradient (§5.1).
+- δ is Darknet's l.delta: target − output, i.e. the negative gradient.
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def _activate(z5: np.ndarray, p: YoloParams) -> np.ndarray:
 
 
 def yolo_forward(z: np.ndarray, p: YoloParams) -> np.ndarray:
-    """Darknet's [yolo] inference output: logistic on x, y, objectness, classes (§3.5)."""
+    """Darknet's [yolo] inference output: logistic on x, y, objectness, classes."""
     z5 = _check_head(z, p.n, 5 + p.classes, "[yolo] forward")
     return _activate(z5, p).reshape(np.shape(z))
 
@@ -579,7 +579,7 @@ def yolo_loss(z: np.ndarray, truth: np.ndarray, p: YoloParams) -> LossResult:
 
 
 def yolo_grad(result: LossResult, batch: int) -> np.ndarray:
-    """What the Caffe layer writes into bottom.diff: −δ/b (Caffe minimises; §7.2, §7.3).
+    """What the Caffe layer writes into bottom.diff: −δ/b (Caffe minimises).
 
     No σ′ factor: Darknet's backward adds δ unchanged to the raw conv output's delta.
     """
