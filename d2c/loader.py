@@ -79,7 +79,10 @@ def _worker(jobs: Connection, done: Connection, parent: int, samples: list, sett
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(ImportError, AttributeError):
         import cv2
-        cv2.setNumThreads(1)     # one worker, one thread: the workers are the parallelism
+        # 0 = run OpenCV's loops on the calling thread. Not 1: setNumThreads(n>0) rebuilds the
+        # thread pool, and a fork taken while the parent's pool ran holds its locks in a state
+        # that deadlocks there (seen as a hung worker after any threaded cv2 call in the parent).
+        cv2.setNumThreads(0)
     from d2c.augment import render_planned
     from d2c.image import load_image_rgb
 
