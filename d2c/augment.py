@@ -39,7 +39,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -573,11 +573,15 @@ def darknet_load_batches(path_lists: list[list[str | Path]], sizes: list[int], s
                     for i, n in enumerate(sizes)]
 
 
-def _darknet_child() -> None:
-    """Child-process body of darknet_load_batches: JSON job on stdin, arrays to an .npz."""
+def darknet_load_data_detection() -> tuple[Any, Any]:
+    """libdarknet with its load_data_detection and free_data typed, and srand seeded by the caller.
+
+    The same binding serves the bit-exactness reference above and the loader benchmark, so both
+    call Darknet's loader with one signature: (n, paths, m, w, h, boxes, classes, jitter, hue,
+    saturation, exposure) -> data.
+    """
     import ctypes
     from d2c.darknet.runtime import _library
-    job = json.loads(sys.stdin.read())
     lib = _library()
     fn = lib.dll.load_data_detection
     c_int, c_float = ctypes.c_int, ctypes.c_float
@@ -587,6 +591,14 @@ def _darknet_child() -> None:
     lib.dll.free_data.argtypes = [lib.Data]
     lib.dll.free_data.restype = None
     lib.libc.srand.argtypes = [ctypes.c_uint]
+    return lib, fn
+
+
+def _darknet_child() -> None:
+    """Child-process body of darknet_load_batches: JSON job on stdin, arrays to an .npz."""
+    import ctypes
+    job = json.loads(sys.stdin.read())
+    lib, fn = darknet_load_data_detection()
     w, h, boxes = job["w"], job["h"], job["boxes"]
     arrays: dict[str, np.ndarray] = {}
     for i, (paths, n, seed) in enumerate(zip(job["lists"], job["sizes"], job["seeds"])):

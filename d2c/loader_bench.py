@@ -48,17 +48,9 @@ def _darknet_loader_child() -> None:
     """Time libdarknet's load_data_detection on n images (stdin job, JSON on stdout)."""
     import ctypes
 
-    from d2c.darknet.runtime import _library
+    from d2c.augment import darknet_load_data_detection
     job = json.loads(sys.stdin.read())
-    lib = _library()
-    fn = lib.dll.load_data_detection
-    c_int, c_float = ctypes.c_int, ctypes.c_float
-    fn.argtypes = [c_int, ctypes.POINTER(ctypes.c_char_p), c_int, c_int, c_int, c_int, c_int,
-                   c_float, c_float, c_float, c_float]
-    fn.restype = lib.Data
-    lib.dll.free_data.argtypes = [lib.Data]
-    lib.dll.free_data.restype = None
-    lib.libc.srand.argtypes = [ctypes.c_uint]
+    lib, fn = darknet_load_data_detection()
     paths = job["paths"]
     c_paths = (ctypes.c_char_p * len(paths))(*(p.encode() for p in paths))
     lib.libc.srand(job["seed"])
