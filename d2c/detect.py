@@ -28,6 +28,7 @@ import numpy as np
 
 from d2c import numerics
 from d2c.errors import D2CError, DatasetError, EngineError
+from d2c.fsutil import input_errors
 from d2c.head_params import RegionParams, YoloParams, decode_params
 from d2c.image import letterbox, letterbox_size, load_image_rgb
 from d2c.numerics import region_activate, yolo_activate, yolo_box
@@ -472,16 +473,8 @@ def class_names(classes: int, names_file: str | Path | None = None,
         path = {80: DARKNET_DATA / "coco.names", 20: DARKNET_DATA / "voc.names"}.get(classes)
         if path is None or not path.is_file():
             return [str(i) for i in range(classes)]
-    try:
+    with input_errors(path, "class names", "class names (one name per line)", DatasetError):
         lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such class names file") from None
-    except IsADirectoryError:
-        raise DatasetError(f"{path}: is a directory, expected a class names file (one name per line)") from None
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text (byte offset {exc.start})") from None
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read class names ({exc.strerror or exc})") from None
     names = [line.strip() for line in lines if line.strip()]
     if len(names) != classes:
         raise DatasetError(f"{path}: {len(names)} class name(s) but the model has {classes} classes; "

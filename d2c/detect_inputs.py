@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from d2c.errors import D2CError, DatasetError
+from d2c.fsutil import input_errors
 
 # Extensions OpenCV's imdecode reads in the opencv-python wheels (what a folder contributes).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp",
@@ -74,16 +75,8 @@ def _list_file(path: Path) -> list[Source]:
     """`@list.txt`: one path per line (blank lines and '#' comments skipped), as Darknet's
     train/valid lists; relative paths are taken from the current directory, like Darknet,
     and else from the list file's own folder."""
-    try:
+    with input_errors(f"@{path}", "list", "list (one image path per line)", DatasetError):
         lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"@{path}: no such list file") from None
-    except IsADirectoryError:
-        raise DatasetError(f"@{path}: is a directory, expected a text file with one image path per line") from None
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"@{path}: not UTF-8 text (byte offset {exc.start}); expected one path per line") from None
-    except OSError as exc:
-        raise DatasetError(f"@{path}: cannot read ({exc.strerror or exc})") from None
     out: list[Source] = []
     for lineno, line in enumerate(lines, start=1):
         entry = line.strip()

@@ -18,15 +18,18 @@ from d2c.errors import D2CError
 
 
 @contextlib.contextmanager
-def input_errors(path: Path, missing: str, expected: str, error: type[D2CError]) -> Iterator[None]:
+def input_errors(path: Path | str, missing: str, expected: str, error: type[D2CError]) -> Iterator[None]:
     """Turn a failure to open or read an input file into `error` naming the file: "no such
-    <missing> file", "is a directory, expected a <expected> file" or the OS reason."""
+    <missing> file", "is a directory, expected a <expected> file", "not UTF-8 text" (for files
+    read as text) or the OS reason."""
     try:
         yield
     except FileNotFoundError:
         raise error(f"{path}: no such {missing} file") from None
     except IsADirectoryError:
         raise error(f"{path}: is a directory, expected a {expected} file") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte offset {exc.start}); expected a {expected} file") from None
     except OSError as exc:
         raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
 
