@@ -26,6 +26,7 @@ from d2c.darknet.header import parse_header
 from d2c.darknet.runtime import DarknetProcess
 from d2c.errors import CfgError, EngineError, ParamError
 from d2c.forward_check import compare_forward, format_table, with_input_size
+from header_offsets import offsets_by_gcc_and_parser
 from shared_cfgs import alexeyab_cfgs, shared_cfg_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,23 +78,7 @@ def test_parsed_offsets_equal_gcc_offsetof(tmp_path: Path) -> None:
     """Every member offset and struct size of AlexeyAB's darknet.h agrees with gcc on the same header."""
     include = build_dir() / "include"
     header = parse_header(include / "darknet.h")
-    names, expected = [], []
-    body = ['#include <stdio.h>', '#include <stddef.h>', '#include "darknet.h"', "int main(void){"]
-    for struct_name in LAYOUT_STRUCTS:
-        cls = header.struct(struct_name)
-        body.append(f'printf("%zu\\n", sizeof({struct_name}));')
-        names.append(f"sizeof({struct_name})")
-        expected.append(ctypes.sizeof(cls))
-        for field, _ in cls._fields_:
-            body.append(f'printf("%zu\\n", offsetof({struct_name}, {field}));')
-            names.append(f"{struct_name}.{field}")
-            expected.append(getattr(cls, field).offset)
-    body.append("return 0;}")
-    (tmp_path / "offsets.c").write_text("\n".join(body))
-    subprocess.run(["gcc", f"-I{include}", "offsets.c", "-o", "offsets"], cwd=tmp_path, check=True,
-                   capture_output=True)
-    got = [int(v) for v in subprocess.run([str(tmp_path / "offsets")], check=True, capture_output=True,
-                                          text=True).stdout.split()]
+    names, expected, got = offsets_by_gcc_and_parser(header, LAYOUT_STRUCTS, include, tmp_path)
     assert len(names) > 400   # AlexeyAB's layer alone has ~330 members
     mismatches = [(n, e, g) for n, e, g in zip(names, expected, got) if e != g]
     assert not mismatches and len(got) == len(expected), mismatches[:10]

@@ -24,6 +24,7 @@ from d2c.darknet.cfg import parse_cfg
 from d2c.darknet.header import REQUIRED_STRUCTS, parse_header
 from d2c.darknet.runtime import DarknetProcess, header_path, library_path, version_info
 from d2c.errors import CfgError, DatasetError, EngineError, ParamError, UnsupportedLayerError, WeightsError
+from header_offsets import offsets_by_gcc_and_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 SYS_CFG = Path("/usr/share/darknet/cfg")
@@ -168,23 +169,7 @@ def test_library_and_header_present() -> None:
 def test_parsed_offsets_equal_gcc_offsetof(tmp_path: Path) -> None:
     """Every member offset and struct size agrees with gcc compiling the same header."""
     header = parse_header(header_path())
-    names, expected = [], []
-    body = ['#include <stdio.h>', '#include <stddef.h>', '#include "darknet.h"', "int main(void){"]
-    for struct_name in REQUIRED_STRUCTS:
-        cls = header.struct(struct_name)
-        body.append(f'printf("%zu\\n", sizeof({struct_name}));')
-        names.append(f"sizeof({struct_name})")
-        expected.append(ctypes.sizeof(cls))
-        for field, _ in cls._fields_:
-            body.append(f'printf("%zu\\n", offsetof({struct_name}, {field}));')
-            names.append(f"{struct_name}.{field}")
-            expected.append(getattr(cls, field).offset)
-    body.append("return 0;}")
-    (tmp_path / "offsets.c").write_text("\n".join(body))
-    subprocess.run(["gcc", f"-I{header_path().parent}", "offsets.c", "-o", "offsets"], cwd=tmp_path,
-                   check=True, capture_output=True)
-    out = subprocess.run([str(tmp_path / "offsets")], check=True, capture_output=True, text=True).stdout
-    got = [int(v) for v in out.split()]
+    names, expected, got = offsets_by_gcc_and_parser(header, REQUIRED_STRUCTS, header_path().parent, tmp_path)
     assert len(names) > 280   # layer alone has ~250 members
     mismatches = [(n, e, g) for n, e, g in zip(names, expected, got) if e != g]
     assert not mismatches and len(got) == len(expected), mismatches[:10]
