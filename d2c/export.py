@@ -54,7 +54,8 @@ from d2c.errors import D2CError, WeightsError
 from d2c.fsutil import atomic_write_text
 from d2c.darknet.node import Node
 from d2c.layers import REGISTRY
-from d2c.layers.convolutional import ALEXEYAB_EPS_INSIDE, CAFFE_TINY_EPS, PJREDDIE_EPS_OUTSIDE, caffe_bn_blobs
+from d2c.layers.convolutional import CAFFE_TINY_EPS, caffe_bn_blobs
+from d2c.numerics import ALEXEYAB_EPS_INSIDE, PJREDDIE_EPS_OUTSIDE
 
 F32 = np.float32
 F64 = np.float64

@@ -22,7 +22,8 @@ from d2c.darknet.cfg import Section
 from d2c.darknet.node import ParamArray
 from d2c.layers.base import LayerConverter, Node, darknet_init_arrays, register
 from d2c.layers.common import lr_scale
-from d2c.layers.convolutional import bn_denominator, caffe_bn_blobs, emit_batchnorm
+from d2c.layers.convolutional import caffe_bn_blobs, emit_batchnorm
+from d2c.numerics import bn_denominator
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder

@@ -18,22 +18,13 @@ from d2c.darknet.node import ParamArray
 from d2c.errors import CfgError, UnsupportedLayerError, WeightsError
 from d2c.layers.base import LayerConverter, Node, darknet_init_arrays, positive, register
 from d2c.layers.common import emit_activation, lr_scale, read_activation
+from d2c.numerics import ALEXEYAB_EPS_INSIDE, bn_denominator
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
     from d2c.export import ModelReader
 
-PJREDDIE_EPS_OUTSIDE = 1e-6      # normalize_cpu: sqrt(var) + .000001f
-ALEXEYAB_EPS_INSIDE = 1e-5       # AlexeyAB normalize_cpu: sqrt(var + .00001f)
 CAFFE_TINY_EPS = 1e-12           # accepted by BVLC BatchNorm and OpenCV, negligible next to 1e-6
-
-
-def bn_denominator(variance: np.ndarray, flavor: str) -> np.ndarray:
-    """Darknet's exact BN denominator, in float64."""
-    var = variance.astype(np.float64)
-    if flavor == "pjreddie":
-        return np.sqrt(var) + float(np.float32(PJREDDIE_EPS_OUTSIDE))
-    return np.sqrt(var + float(np.float32(ALEXEYAB_EPS_INSIDE)))
 
 
 def caffe_bn_blobs(mean: np.ndarray, variance: np.ndarray, flavor: str) -> tuple[list[np.ndarray], float]:
