@@ -22,7 +22,8 @@ from d2c.darknet.cfg import Section
 from d2c.darknet.node import ParamArray
 from d2c.layers.base import LayerConverter, Node, darknet_init_arrays, register
 from d2c.layers.common import lr_scale
-from d2c.layers.convolutional import caffe_bn_blobs, emit_batchnorm
+from d2c.errors import WeightsError
+from d2c.layers.convolutional import caffe_bn_blobs, emit_batchnorm, export_bn
 from d2c.numerics import bn_denominator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,7 +84,17 @@ class Batchnorm(LayerConverter):
         em.blob_of[node.index] = top
 
     def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
-        return model.batchnorm(node)
+        """BatchNorm (deploy `_batchnorm`, train `_bn` or `_dbn`) + Scale; pjreddie has no beta to keep."""
+        arrays = export_bn(model, node, node.in_shape[0], (f"{node.prefix}_batchnorm", f"{node.prefix}_bn"))
+        if arrays is None:
+            raise WeightsError(f"{model.where}: no BatchNorm layer '{node.prefix}_batchnorm' (or '_bn'/'_dbn') "
+                               f"for {node.where}")
+        if not any(p.name == "biases" for p in node.params):
+            beta = arrays.pop("biases")
+            if np.any(beta != 0):
+                model.out.notes.append(f"{node.where}: pjreddie's [batchnorm] stores no beta; the Caffe Scale bias "
+                                       f"(max |beta| {float(np.abs(beta).max()):.3g}) is dropped")
+        return arrays
 
     def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """make_batchnorm_layer: constants only (no weights, nothing drawn)."""

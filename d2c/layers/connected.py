@@ -21,7 +21,7 @@ from d2c.darknet.cfg import Section
 from d2c.darknet.node import ParamArray
 from d2c.layers.base import LayerConverter, Node, darknet_init_arrays, positive, register
 from d2c.layers.common import emit_activation, lr_scale, read_activation
-from d2c.layers.convolutional import emit_batchnorm, fold_batchnorm
+from d2c.layers.convolutional import emit_batchnorm, export_weighted, fold_batchnorm
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
@@ -79,7 +79,7 @@ class Connected(LayerConverter):
         em.blob_of[node.index] = emit_activation(em, node, shaped, a["activation"])
 
     def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
-        return model.weighted(node, "_fc", "InnerProduct")
+        return export_weighted(model, node, "_fc", "InnerProduct")
 
     def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """make_connected_layer: weights sqrt(2/inputs) * U(-1, 1)."""

@@ -132,13 +132,51 @@ class Convolutional(LayerConverter):
         em.blob_of[node.index] = emit_activation(em, node, name, a["activation"])
 
     def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
-        return model.weighted(node, "_conv", "Convolution")
+        return export_weighted(model, node, "_conv", "Convolution")
 
     def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """make_convolutional_layer: weights sqrt(2/(c/groups*k*k)) * N(0, 1)."""
         def weights(spec: ParamArray) -> np.ndarray:
             return math.sqrt(2.0 / int(np.prod(spec.shape[1:]))) * rng.standard_normal(spec.shape)
         return darknet_init_arrays(node, weights)
+
+
+def export_bn(model: ModelReader, node: Node, n: int, bn_names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The inverse of emit_batchnorm: scales and biases from `_scale`, the rolling statistics from
+    the exact `_dbn` Python layer (raw Darknet values) or the first stock BatchNorm in `bn_names`;
+    None when the model has no BN for the node."""
+    dbn = model.get(f"{node.prefix}_dbn")
+    if dbn is not None:
+        if dbn.type != "Python":
+            raise WeightsError(f"{model.where}: Caffe layer '{dbn.name}' is {dbn.type}, expected the Python "
+                               f"DarknetBatchNorm for {node.where}")
+        stats = model.blob(node, dbn, 0, (n,), "rolling_mean"), model.blob(node, dbn, 1, (n,), "rolling_variance")
+    else:
+        bn = next((model.get(name) for name in bn_names if getattr(model.get(name), "type", "") == "BatchNorm"), None)
+        if bn is None:
+            return None
+        stats = model.bn_statistics(node, bn, n)
+    scale = model.require(node, f"{node.prefix}_scale", ("Scale",), "BN gamma/beta")
+    return {"biases": model.blob(node, scale, 1, (n,), "biases"), "scales": model.blob(node, scale, 0, (n,), "scales"),
+            "rolling_mean": stats[0], "rolling_variance": stats[1]}
+
+
+def export_weighted(model: ModelReader, node: Node, suffix: str, caffe_type: str) -> dict[str, np.ndarray]:
+    """[convolutional] and [connected] back: the main layer's weights (+ bias without BN), then BN
+    (+ Scale); a BN node whose main layer carries a bias was folded by `convert --fold-bn`."""
+    shapes = {p.name: p.shape for p in node.params}
+    n = shapes["biases"][0]
+    main = model.require(node, f"{node.prefix}{suffix}", (caffe_type,), "weights")
+    weights = model.blob(node, main, 0, shapes["weights"], "weights")
+    bn = export_bn(model, node, n, (f"{node.prefix}_bn",)) if node.attrs["bn"] else None
+    if bn is not None:
+        return {**bn, "weights": weights}
+    if node.attrs["bn"]:
+        if len(main.blobs) != 2:
+            raise WeightsError(f"{model.where}: no BatchNorm layer '{node.prefix}_bn' (or '{node.prefix}_dbn') and "
+                               f"no bias in '{main.name}' for {node.where} (batch_normalize=1)")
+        model.out.folded.append(node.index)
+    return {"biases": model.blob(node, main, 1, (n,), "biases"), "weights": weights}
 
 
 def check_variance(node: Node, variance: np.ndarray) -> None:
