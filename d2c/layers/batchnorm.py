@@ -13,7 +13,7 @@ forward_network segfaults (measured). The tests give Darknet scratch buffers to 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from d2c.darknet.node import ParamArray
 from d2c.layers.base import LayerConverter, Node, darknet_init_arrays, register
 from d2c.layers.common import lr_scale
 from d2c.errors import WeightsError
-from d2c.layers.convolutional import caffe_bn_blobs, emit_batchnorm, export_bn
+from d2c.layers.convolutional import bn_engine_arrays, caffe_bn_blobs, emit_batchnorm, export_bn
 from d2c.numerics import bn_denominator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,6 +95,11 @@ class Batchnorm(LayerConverter):
                 model.out.notes.append(f"{node.where}: pjreddie's [batchnorm] stores no beta; the Caffe Scale bias "
                                        f"(max |beta| {float(np.abs(beta).max()):.3g}) is dropped")
         return arrays
+
+    def engine_arrays(self, l: Any, updates: bool, flavor: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        """The parameters (pjreddie never updates this layer); AlexeyAB's beta comes first."""
+        c = int(l.c)
+        return [] if updates else [*[("biases", "biases", (c,))] * (flavor == "alexeyab"), *bn_engine_arrays(c)]
 
     def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """make_batchnorm_layer: constants only (no weights, nothing drawn)."""

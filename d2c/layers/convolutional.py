@@ -8,7 +8,7 @@ AlexeyAB divides by sqrt(var + 1e-5), which is Caffe's own formula with eps = 1e
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -134,11 +134,26 @@ class Convolutional(LayerConverter):
     def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
         return export_weighted(model, node, "_conv", "Convolution")
 
+    def engine_arrays(self, l: Any, updates: bool, flavor: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        n, k = int(l.n), int(l.size)
+        wshape = (n, int(l.c) // max(1, int(l.groups)), k, k)
+        wshape = wshape if math.prod(wshape) == l.nweights else (int(l.nweights),)
+        bn = bool(l.batch_normalize)
+        if updates:
+            return [("bias_updates", "bias_updates", (n,)), *[("scale_updates", "scale_updates", (n,))] * bn,
+                    ("weight_updates", "weight_updates", wshape)]
+        return [("biases", "biases", (n,)), *bn_engine_arrays(n) * bn, ("weights", "weights", wshape)]
+
     def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """make_convolutional_layer: weights sqrt(2/(c/groups*k*k)) * N(0, 1)."""
         def weights(spec: ParamArray) -> np.ndarray:
             return math.sqrt(2.0 / int(np.prod(spec.shape[1:]))) * rng.standard_normal(spec.shape)
         return darknet_init_arrays(node, weights)
+
+
+def bn_engine_arrays(n: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """A BN's gamma and statistics in a Darknet layer struct, in .weights order."""
+    return [(name, name, (n,)) for name in ("scales", "rolling_mean", "rolling_variance")]
 
 
 def export_bn(model: ModelReader, node: Node, n: int, bn_names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
