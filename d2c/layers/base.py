@@ -70,6 +70,11 @@ class LayerConverter:
         engine wrappers (d2c.darknet.runtime) for parity; a null or empty field is skipped there."""
         return []
 
+    def overwrites_input_delta(self, node: Node, engine: str) -> bool:
+        """True when this node's CPU backward in `engine` (pjreddie or alexeyab) assigns its input's
+        delta instead of adding to it, dropping what later consumers added (emulated in parity)."""
+        return False
+
     def read_array(self, node: Node, spec: ParamArray, stored: np.ndarray, header: WeightsHeader) -> np.ndarray:
         """One array as the .weights file stores it (flat float32) -> its Darknet shape."""
         return stored.reshape(spec.shape)

@@ -144,6 +144,11 @@ class Convolutional(LayerConverter):
                     ("weight_updates", "weight_updates", wshape)]
         return [("biases", "biases", (n,)), *bn_engine_arrays(n) * bn, ("weights", "weights", wshape)]
 
+    def overwrites_input_delta(self, node: Node, engine: str) -> bool:
+        """Its backward writes the input delta through col2im: AlexeyAB's CPU col2im_cpu_ext zeroes
+        the destination first (any kernel); Debian's pjreddie assigns only for 1x1 kernels."""
+        return node.inputs[0] >= 0 and (engine == "alexeyab" or node.attrs["size"] == 1)
+
     def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """make_convolutional_layer: weights sqrt(2/(c/groups*k*k)) * N(0, 1)."""
         def weights(spec: ParamArray) -> np.ndarray:
