@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from d2c.layers import REGISTRY
 from d2c.loss.params import dump_params
 
 CPU_BN_MOMENTUM = 0.9
@@ -42,7 +43,7 @@ def emulate_alexeyab_cpu(graph: Any, conversion: Any) -> list[str]:
         return False
 
     for node in graph.nodes:
-        if node.kind == "convolutional" and node.inputs[0] >= 0:
+        if REGISTRY[node.kind].overwrites_input_delta(node, "alexeyab"):
             src = node.inputs[0]
             for j in (j for j in consumers.get(src, []) if j > node.index):
                 if block(j, conversion.emitter.blob(src)):

@@ -20,18 +20,18 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from d2c import numerics
 from d2c.errors import D2CError, DatasetError, EngineError
 from d2c.fsutil import input_errors
 from d2c.head_params import RegionParams, YoloParams, decode_params
 from d2c.image import letterbox, letterbox_size, load_image_rgb
-from d2c.numerics import region_activate, yolo_activate, yolo_box
+from d2c.numerics import Box, box_iou, region_activate, yolo_activate, yolo_box
 
 F32 = np.float32
 F64 = np.float64
@@ -207,19 +207,18 @@ def decode_heads(outputs: dict[str, np.ndarray], sidecar: dict[str, Any], im_w: 
 # NMS
 # --------------------------------------------------------------------------------------------
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """box.c box_iou of box `a` (4,) against boxes `b` (n, 4), in float32 like Darknet."""
-    b = np.asarray(b, dtype=F32).reshape(-1, 4)
-    return numerics.box_iou(numerics.Box(*np.asarray(a, dtype=F32)), numerics.Box(*b.T)).astype(F32)
+#: An NMS overlap: one box against many (numerics.Box of float32 arrays) -> values compared with nms.
+Overlap = Callable[[Box, Box], np.ndarray]
 
 
-def do_nms_sort(dets: list[Detection], classes: int, nms: float) -> list[Detection]:
+def do_nms_sort(dets: list[Detection], classes: int, nms: float, overlap: Overlap = box_iou) -> list[Detection]:
     """box.c do_nms_sort, returning the detections in Darknet's final order.
 
     Darknet first moves zero-objectness detections to the end by swapping (which permutes
     the rest), then for each class stable-sorts the others by that class's probability
     (glibc's qsort is a merge sort) and zeroes the probability of every later box that
-    overlaps a kept one by IoU > nms. The input list is not modified.
+    overlaps a kept one by `overlap` > nms: pjreddie's IoU by default; AlexeyAB's diounms_sort
+    is the same loop with its DIoU (d2c.detect_alexeyab). The input list is not modified.
     """
     count = len(dets)
     if count == 0:
@@ -251,7 +250,7 @@ def do_nms_sort(dets: list[Detection], classes: int, nms: float) -> list[Detecti
             later = perm[pos + 1:kept]
             if later.size == 0:
                 break
-            overlapping = box_iou(boxes[current], boxes[later]) > nms32
+            overlapping = overlap(Box(*boxes[current]), Box(*boxes[later].T)) > nms32
             probs[later[overlapping], k] = 0
     return [Detection(bbox=dets[j].bbox.copy(), objectness=dets[j].objectness, prob=probs[j],
                       classes=dets[j].classes, head=dets[j].head) for j in perm.tolist()]

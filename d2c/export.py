@@ -4,14 +4,11 @@ Why exact: a model trained or fine-tuned in Caffe must ship to Darknet without a
 and the round trip `export(convert(w))` must give back `w` byte for byte, so any difference a
 user sees is training, never the tooling.
 
-How the Caffe blobs map back is each converter's `export` (d2c/layers/*.py, the naming
-convention `layer{index:03d}_*` is theirs); this module gives them a ModelReader with checked
-access to the caffemodel's layers and the shared read-backs:
-- `weighted`: a main layer ([convolutional] `_conv`, [connected] `_fc`) with [weights, biases]
-  without BN or when BN was folded, [weights] with BN; BN statistics in `_bn` (stock
-  BatchNorm) or `_dbn` (the exact DarknetBatchNorm Python layer), gamma/beta in `_scale`;
-- `batchnorm`: [batchnorm]'s `_batchnorm` BatchNorm (deploy) or `_bn`/`_dbn` (train), `_scale`.
-Layer types without Darknet parameters export nothing (fixed helper blobs are not exported).
+How the Caffe blobs map back is each converter's `export` (d2c/layers/*.py: which Caffe layers
+hold which arrays, and the naming convention `layer{index:03d}_*`, are theirs); this module gives
+them a ModelReader with checked access to the caffemodel's layers and the inversion of a stock
+BatchNorm's statistics. Layer types without Darknet parameters export nothing (fixed helper blobs
+are not exported).
 
 BatchNorm statistics, by the form the model stores them in:
 - `_dbn` (exact training layer): raw Darknet rolling mean and variance; copied.
@@ -54,7 +51,8 @@ from d2c.errors import D2CError, WeightsError
 from d2c.fsutil import atomic_write_text
 from d2c.darknet.node import Node
 from d2c.layers import REGISTRY
-from d2c.layers.convolutional import ALEXEYAB_EPS_INSIDE, CAFFE_TINY_EPS, PJREDDIE_EPS_OUTSIDE, caffe_bn_blobs
+from d2c.layers.convolutional import CAFFE_TINY_EPS, caffe_bn_blobs
+from d2c.numerics import ALEXEYAB_EPS_INSIDE, PJREDDIE_EPS_OUTSIDE
 
 F32 = np.float32
 F64 = np.float64
@@ -232,7 +230,7 @@ class ExportedArrays:
 
 class ModelReader:
     """The caffemodel's layers by name, with checked access that names the Darknet layer, and the
-    read-backs several converters share (what converters' `export` methods are given)."""
+    inversion of a stock BatchNorm's statistics (what converters' `export` methods are given)."""
 
     def __init__(self, layers: list[CaffeLayer], where: str, flavor: str, out: ExportedArrays,
                  overrides: dict[str, list[list[int]]]) -> None:
@@ -244,13 +242,9 @@ class ModelReader:
         for layer in layers:
             if layer.name not in self.layers or layer.blobs:
                 self.layers[layer.name] = layer
-        self.used: set[str] = set()
 
     def get(self, name: str) -> CaffeLayer | None:
-        layer = self.layers.get(name)
-        if layer is not None:
-            self.used.add(name)
-        return layer
+        return self.layers.get(name)
 
     def require(self, node: Node, name: str, types: tuple[str, ...], what: str) -> CaffeLayer:
         layer = self.get(name)
@@ -276,101 +270,30 @@ class ModelReader:
                                f"{list(arr.shape)}, {node.where} needs {list(shape)}")
         return arr.reshape(shape)
 
-    def weighted(self, node: Node, suffix: str, caffe_type: str) -> LayerArrays:
-        """[convolutional] and [connected]: main layer, then BN (+ Scale), or folded."""
-        return _export_weighted(self, node, self.flavor, self.out, self.overrides, suffix, caffe_type)
-
-    def batchnorm(self, node: Node) -> LayerArrays:
-        """[batchnorm]: BatchNorm (deploy `_batchnorm`, train `_bn`/`_dbn`) + Scale."""
-        return _export_batchnorm(self, node, self.flavor, self.out, self.overrides)
-
-
-def _bn_param(layer: CaffeLayer) -> dict[str, Any]:
-    return dict(layer.params.get("batch_norm_param") or {})
-
-
-def _read_bn(model: ModelReader, node: Node, n: int, flavor: str, out: ExportedArrays,
-             overrides: dict[str, list[list[int]]], bn_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(rolling_mean, rolling_variance) from whichever BN form the model holds, or None if absent."""
-    dbn = model.get(f"{node.prefix}_dbn")
-    if dbn is not None:
-        if dbn.type != "Python":
-            raise WeightsError(f"{model.where}: Caffe layer '{dbn.name}' is {dbn.type}, expected the Python "
-                               f"DarknetBatchNorm for {node.where}")
-        return (model.blob(node, dbn, 0, (n,), "rolling_mean"), model.blob(node, dbn, 1, (n,), "rolling_variance"))
-    bn = None
-    for name in bn_names:
-        candidate = model.layers.get(name)
-        if candidate is not None and candidate.type == "BatchNorm":
-            bn = model.get(name)
-            break
-    if bn is None:
-        return None
-    mean_blob = model.blob(node, bn, 0, (n,), "mean")
-    var_blob = model.blob(node, bn, 1, (n,), "variance")
-    factor = float(model.blob(node, bn, 2, (1,), "scale factor")[0])
-    param = _bn_param(bn)
-    global_stats = param.get("use_global_stats")
-    if global_stats is None:     # Caffe's default depends on the phase; d2c always writes it
-        global_stats = factor == 1.0
-    mean, mean_stats = unscale(mean_blob, factor)
-    out.sums.add(mean_stats)
-    if not global_stats:
-        # stock training BN: running sums of Darknet's own (unbiased) statistics
-        var, var_stats = unscale(var_blob, factor)
-        out.sums.add(var_stats)
+    def bn_statistics(self, node: Node, bn: CaffeLayer, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rolling_mean, rolling_variance) from a stock Caffe BatchNorm, whichever way it stores them:
+        running sums (training) unscaled, global statistics inverted to Darknet's denominator."""
+        mean_blob = self.blob(node, bn, 0, (n,), "mean")
+        var_blob = self.blob(node, bn, 1, (n,), "variance")
+        factor = float(self.blob(node, bn, 2, (1,), "scale factor")[0])
+        param = dict(bn.params.get("batch_norm_param") or {})
+        global_stats = param.get("use_global_stats")
+        if global_stats is None:     # Caffe's default depends on the phase; d2c always writes it
+            global_stats = factor == 1.0
+        mean, mean_stats = unscale(mean_blob, factor)
+        self.out.sums.add(mean_stats)
+        if not global_stats:
+            # stock training BN: running sums of Darknet's own (unbiased) statistics
+            var, var_stats = unscale(var_blob, factor)
+            self.out.sums.add(var_stats)
+            return mean, var
+        var, stats = invert_bn_variance(var_blob, factor, float(param.get("eps", 1e-5)), self.flavor)
+        for channel, stored_bits, var_bits in self.overrides.get(str(node.index), []):
+            if 0 <= channel < n and int(var_blob.view(np.uint32)[channel]) == stored_bits:
+                var[channel] = np.array([var_bits], np.uint32).view(F32)[0]
+                stats.overridden += 1
+        self.out.variance.add(stats)
         return mean, var
-    eps = float(param.get("eps", 1e-5))
-    var, stats = invert_bn_variance(var_blob, factor, eps, flavor)
-    for channel, stored_bits, var_bits in overrides.get(str(node.index), []):
-        if 0 <= channel < n and int(var_blob.view(np.uint32)[channel]) == stored_bits:
-            var[channel] = np.array([var_bits], np.uint32).view(F32)[0]
-            stats.overridden += 1
-    out.variance.add(stats)
-    return mean, var
-
-
-def _read_scale(model: ModelReader, node: Node, n: int) -> tuple[np.ndarray, np.ndarray]:
-    scale = model.require(node, f"{node.prefix}_scale", ("Scale",), "BN gamma/beta")
-    return model.blob(node, scale, 0, (n,), "scales"), model.blob(node, scale, 1, (n,), "biases")
-
-
-def _export_weighted(model: ModelReader, node: Node, flavor: str, out: ExportedArrays,
-                     overrides: dict[str, list[list[int]]], suffix: str, caffe_type: str) -> LayerArrays:
-    """[convolutional] and [connected]: main layer, then BN (+ Scale), or folded."""
-    shapes = {p.name: p.shape for p in node.params}
-    n = shapes["biases"][0]
-    main = model.require(node, f"{node.prefix}{suffix}", (caffe_type,), "weights")
-    weights = model.blob(node, main, 0, shapes["weights"], "weights")
-    if not node.attrs["bn"]:
-        return {"biases": model.blob(node, main, 1, (n,), "biases"), "weights": weights}
-    stats = _read_bn(model, node, n, flavor, out, overrides, (f"{node.prefix}_bn",))
-    if stats is None:
-        if len(main.blobs) == 2:   # folded by `convert --fold-bn`: conv bias, no BN
-            out.folded.append(node.index)
-            return {"biases": model.blob(node, main, 1, (n,), "biases"), "weights": weights}
-        raise WeightsError(f"{model.where}: no BatchNorm layer '{node.prefix}_bn' (or '{node.prefix}_dbn') and "
-                           f"no bias in '{main.name}' for {node.where} (batch_normalize=1)")
-    scales, biases = _read_scale(model, node, n)
-    return {"biases": biases, "scales": scales, "rolling_mean": stats[0], "rolling_variance": stats[1],
-            "weights": weights}
-
-
-def _export_batchnorm(model: ModelReader, node: Node, flavor: str, out: ExportedArrays,
-                      overrides: dict[str, list[list[int]]]) -> LayerArrays:
-    n = node.in_shape[0]
-    stats = _read_bn(model, node, n, flavor, out, overrides, (f"{node.prefix}_batchnorm", f"{node.prefix}_bn"))
-    if stats is None:
-        raise WeightsError(f"{model.where}: no BatchNorm layer '{node.prefix}_batchnorm' (or '_bn'/'_dbn') "
-                           f"for {node.where}")
-    scales, biases = _read_scale(model, node, n)
-    arrays = {"scales": scales, "rolling_mean": stats[0], "rolling_variance": stats[1]}
-    if any(p.name == "biases" for p in node.params):
-        arrays["biases"] = biases
-    elif np.any(biases != 0):
-        out.notes.append(f"{node.where}: pjreddie's [batchnorm] stores no beta; the Caffe Scale bias "
-                         f"(max |beta| {float(np.abs(biases).max()):.3g}) is dropped")
-    return arrays
 
 
 def caffe_to_darknet(graph: Graph, layers: list[CaffeLayer], *, where: str = "caffemodel",

@@ -19,6 +19,8 @@ AlexeyAB's src/activations.c, src/yolo_layer.c and src/box.c:
   (incl. AlexeyAB's scale_x_y and new_coords) and get_yolo_box / get_region_box.
 - `box_iou`: float32, `l = x - w*0.5`, `overlap = min(right) - max(left)`, intersection 0 if an
   overlap is negative, `union = (a.w*a.h + b.w*b.h) - inter`, `iou = inter/union`.
+- `bn_denominator`: inference BatchNorm's divisor, pjreddie `sqrt(var) + 1e-6f` (eps outside the
+  root, in double), AlexeyAB `sqrt(var + 1e-5f)`.
 - `mag_array_sq`: `mag_array` is vectorised with 4 interleaved float partial sums, combined as
   `(s0+s2)+(s1+s3)`, then the scalar tail, then `sqrtss`; the cost is that value squared in float.
 
@@ -157,6 +159,18 @@ def mag_array_sq(a: np.ndarray) -> float:
     """Darknet's layer cost `pow(mag_array(delta), 2)`, squared in float as the binary does."""
     m = mag_array(a)
     return float(F32(m * m))
+
+
+PJREDDIE_EPS_OUTSIDE = 1e-6      # pjreddie normalize_cpu: sqrt(var) + .000001f
+ALEXEYAB_EPS_INSIDE = 1e-5       # AlexeyAB normalize_cpu: sqrt(var + .00001f)
+
+
+def bn_denominator(variance: np.ndarray, flavor: str) -> np.ndarray:
+    """Darknet's inference BatchNorm denominator in float64 (the float eps widened exactly)."""
+    var = np.asarray(variance).astype(F64)
+    if flavor == "pjreddie":
+        return np.sqrt(var) + F64(F32(PJREDDIE_EPS_OUTSIDE))
+    return np.sqrt(var + F64(F32(ALEXEYAB_EPS_INSIDE)))
 
 
 def softmax_darknet(z: np.ndarray, axis: int = 0, temperature: float = 1.0) -> np.ndarray:

@@ -10,6 +10,8 @@ x3, so scores spread over (0, 1) instead of all sitting near 0.25.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,9 @@ from d2c.convert import convert
 from d2c.darknet.runtime import DarknetProcess
 from d2c.darknet.weights import write_weights
 from d2c.detect import Engine, detections_to_json, load_model_files
-from d2c.detect_alexeyab import box_diou_nms, network_input
+from d2c.darknet.alexeyab import build_dir
+from d2c.detect_alexeyab import nms_overlap, network_input
+from d2c.numerics import Box
 from d2c.forward_check import prepare, with_input_size
 from d2c.image import load_image_rgb
 from shared_cfgs import shared_cfg_dir
@@ -123,11 +127,84 @@ def test_mutation_iou_nms_instead_of_diou_is_caught(samples: list[Path], tmp_pat
                 match(dn.detect(image, thresh=THRESH), detections_to_json(engine.detect(image, THRESH)[0], THRESH))
 
 
-def test_box_diou_nms_values() -> None:
+def _overlap(kind: str, a: np.ndarray, b: np.ndarray, beta: float = 0.6) -> np.ndarray:
+    return nms_overlap(kind, beta)(Box(*np.asarray(a, np.float32)), Box(*np.asarray(b, np.float32).T))
+
+
+def test_nms_overlap_values() -> None:
     """Hand values: same-centre boxes have d = 0 (DIoU = IoU); disjoint boxes go below 0."""
     a = np.array([0.5, 0.5, 0.2, 0.2], np.float32)
     same_centre = np.array([[0.5, 0.5, 0.4, 0.4]], np.float32)
-    np.testing.assert_allclose(box_diou_nms(a, same_centre, 0.6), [0.25], rtol=1e-6)
+    for kind in ("default", "greedynms", "diounms"):
+        np.testing.assert_allclose(_overlap(kind, a, same_centre), [0.25], rtol=1e-6)
     apart = np.array([[0.9, 0.5, 0.2, 0.2]], np.float32)     # d = 0.16, enclosing 0.6 x 0.2: c = 0.4
-    np.testing.assert_allclose(box_diou_nms(a, apart, 1.0), [-0.4], rtol=1e-5)
-    np.testing.assert_allclose(box_diou_nms(a, apart, 0.6), [-(0.4 ** 0.6)], rtol=1e-5)
+    np.testing.assert_allclose(_overlap("diounms", a, apart, 1.0), [-0.4], rtol=1e-5)
+    np.testing.assert_allclose(_overlap("greedynms", a, apart, 1.0), [-(0.4 ** 0.6)], rtol=1e-5)  # beta ignored
+    np.testing.assert_allclose(_overlap("diounms", a, apart, 0.6), [-(0.4 ** 0.6)], rtol=1e-5)
+    assert _overlap("default", a, apart) == 0 and _overlap("default", a * 0, a[None] * 0) == 0   # zero guard
+
+
+# The engine's own box_iou / box_diou / box_diounms, called in a child process (a crash there is one
+# failed test), on float32 pairs read from a .npy; results written back as float32.
+_ENGINE_OVERLAPS = """
+import ctypes, sys
+import numpy as np
+lib = ctypes.CDLL(sys.argv[1])
+class Box(ctypes.Structure):
+    _fields_ = [(k, ctypes.c_float) for k in "xywh"]
+for name, extra in (("box_iou", []), ("box_diou", []), ("box_diounms", [ctypes.c_float])):
+    getattr(lib, name).argtypes, getattr(lib, name).restype = [Box, Box, *extra], ctypes.c_float
+pairs = np.load(sys.argv[2])
+a, b, beta = pairs[:, :4].tolist(), pairs[:, 4:8].tolist(), pairs[:, 8].tolist()
+out = [[lib.box_iou(Box(*p), Box(*q)) for p, q in zip(a, b)],
+       [lib.box_diou(Box(*p), Box(*q)) for p, q in zip(a, b)],
+       [lib.box_diounms(Box(*p), Box(*q), t) for p, q, t in zip(a, b, beta)]]
+np.save(sys.argv[3], np.asarray(out, np.float32))
+"""
+
+
+def _random_pairs(n: int) -> np.ndarray:
+    """(n, 9) float32: box a, box b near it (often overlapping), beta_nms; plus degenerate rows."""
+    rng = np.random.default_rng(15)
+    a = np.concatenate([rng.uniform(0, 1, (n, 2)), rng.uniform(0.01, 0.6, (n, 2))], 1)
+    b = np.concatenate([a[:, :2] + rng.normal(0, 0.1, (n, 2)), a[:, 2:] * rng.uniform(0.5, 1.5, (n, 2))], 1)
+    pairs = np.concatenate([a, b, rng.uniform(0.3, 1.5, (n, 1))], 1).astype(np.float32)
+    pairs[:4, :8] = [[0.5, 0.5, 0, 0, 0.5, 0.5, 0, 0],          # c == 0: the IoU alone (0 by the guard)
+                     [0.5, 0.5, 0.2, 0.2, 0.5, 0.5, 0.2, 0.2],  # identical
+                     [0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.1, 0.1],  # disjoint
+                     [0.3, 0.3, 0, 0.2, 0.4, 0.3, 0.2, 0]]      # zero-area boxes, apart
+    return pairs
+
+
+def _engine_overlaps(pairs: np.ndarray, tmp_path: Path) -> np.ndarray:
+    np.save(tmp_path / "pairs.npy", pairs)
+    proc = subprocess.run([sys.executable, "-c", _ENGINE_OVERLAPS, str(build_dir() / "libdarknet.so"),
+                           str(tmp_path / "pairs.npy"), str(tmp_path / "out.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return np.load(tmp_path / "out.npy")
+
+
+def test_nms_overlaps_equal_the_engines_bit_for_bit(tmp_path: Path) -> None:
+    """default / greedynms / diounms overlaps equal the engine's box_iou / box_diou / box_diounms for
+    every one of 20,000 random pairs (before d2c had its own DIoU, ~18% differed by an ulp: the power
+    term was subtracted in double instead of being rounded to float first, as box.c does)."""
+    pairs = _random_pairs(20000)
+    theirs = _engine_overlaps(pairs, tmp_path)
+    a, b = Box(*pairs[:, :4].T), Box(*pairs[:, 4:8].T)
+    for row, kind in enumerate(("default", "greedynms", "diounms")):
+        ours = np.array([nms_overlap(kind, float(t))(Box(*p[:4]), Box(*p[4:8, None]))[0]
+                         for p, t in zip(pairs, pairs[:, 8])], np.float32) if kind == "diounms" \
+            else nms_overlap(kind, 0.6)(a, b).astype(np.float32)
+        np.testing.assert_array_equal(ours.view(np.uint32), theirs[row].view(np.uint32), err_msg=kind)
+    # The comparison can fail: the old expression, (IoU - power) in double rounded once, differs.
+    from d2c.numerics import box_iou
+    iou = box_iou(a, b, zero_guard=True)
+    top, bot = np.minimum(a.y - a.h / 2, b.y - b.h / 2), np.maximum(a.y + a.h / 2, b.y + b.h / 2)
+    left, right = np.minimum(a.x - a.w / 2, b.x - b.w / 2), np.maximum(a.x + a.w / 2, b.x + b.w / 2)
+    c = (right - left) * (right - left) + (bot - top) * (bot - top)
+    d = (a.x - b.x) * (a.x - b.x) + (a.y - b.y) * (a.y - b.y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        once = np.where(c == 0, iou, (iou.astype(np.float64) - np.power((d / c).astype(np.float64), 0.6))
+                        .astype(np.float32))
+    assert np.count_nonzero(once.view(np.uint32) != theirs[1].view(np.uint32)) > 1000

@@ -24,7 +24,6 @@ from d2c.caffe import proto
 from d2c.caffe.proto import (
     MESSAGES, CaffeLayer, CaffeNet, PrototxtError, net_from_prototxt, parse_prototxt,
     read_caffemodel, read_caffemodel_net, solver_to_prototxt, to_prototxt, write_caffemodel,
-    write_prototxt,
 )
 from d2c.errors import D2CError, ParamError, WeightsError
 
@@ -106,8 +105,8 @@ def test_schema_matches_real_caffe_proto(message: str) -> None:
     ("repeated int64 dim = 1 [packed = true];", "repeated int64 dim = 1;"),
     ("repeated uint32 pad = 3;", "uint32 pad = 3;"),
     ("MAX = 0; AVE = 1;", "MAX = 1; AVE = 0;"),
-    ("{ BlobShape shape = 1;", "{ FillerParameter shape = 1;"),
-    ("float std = 6;", "float sd = 6;"),
+    ("{ BlobShape shape = 1;", "{ InputParameter shape = 1;"),
+    ("float eps = 3;", "float epsilon = 3;"),
 ])
 def test_schema_check_sees_a_mutation(monkeypatch: pytest.MonkeyPatch, old: str, new: str) -> None:
     """The comparison above can fail: one wrong number, type, label, packing, enum value or name in SCHEMA."""
@@ -212,7 +211,8 @@ def test_every_field_encodes_like_the_real_protobuf_runtime(tmp_path: Path) -> N
     for pb_layer in parsed.layer:
         del pb_layer.blobs[:]
     assert from_text == parsed
-    assert from_text.layer[0].python_param.param_str == _ODD_STRING
+    python = from_text.layer[0].python_param
+    assert _ODD_STRING in (python.module, python.layer, python.param_str)
 
 
 def test_every_field_decodes_back(tmp_path: Path) -> None:
@@ -251,11 +251,11 @@ def test_typical_solver_text() -> None:
     text = solver_to_prototxt({"net": "train.prototxt", "base_lr": 0.001, "lr_policy": "multistep",
                                "stepvalue": [400000, 450000], "gamma": 0.1, "momentum": 0.9,
                                "weight_decay": 0.0005, "max_iter": 500200, "solver_mode": "CPU",
-                               "snapshot_prefix": "out/yolo", "random_seed": 1}, ["from cfg"])
+                               "snapshot_prefix": "out/yolo"}, ["from cfg"])
     assert text == ("# from cfg\nnet: \"train.prototxt\"\nbase_lr: 0.001\nmax_iter: 500200\n"
                     "lr_policy: \"multistep\"\ngamma: 0.1\nmomentum: 0.9\nweight_decay: 0.0005\n"
                     "stepvalue: 400000\nstepvalue: 450000\nsnapshot_prefix: \"out/yolo\"\n"
-                    "solver_mode: CPU\nrandom_seed: 1\n")
+                    "solver_mode: CPU\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,61 +338,61 @@ def _write_raw(tmp_path: Path, data: bytes) -> Path:
     return path
 
 
-def test_unpacked_floats_legacy_dims_and_unknown_fields(tmp_path: Path) -> None:
+def test_unknown_fields_are_skipped_and_data_may_come_in_chunks(tmp_path: Path) -> None:
     values = np.arange(1, 13, dtype=np.float32) / 8
-    # Legacy 4-D dims, the first 5 values unpacked, the rest packed, plus fields we do not know.
-    blob = (_key(1, 0) + b"\x01" + _key(2, 0) + b"\x03" + _key(3, 0) + b"\x02" + _key(4, 0) + b"\x02"
-            + b"".join(b"\x2d" + struct.pack("<f", v) for v in values[:5])
-            + _key(99, 0) + proto._varint(12345)
-            + _delimited(5, values[5:].tobytes())
-            + _key(98, 5) + b"abcd" + _key(97, 1) + b"abcdefgh" + _delimited(96, b"zz"))
+    # Packed data in two chunks (protobuf concatenates them), plus fields d2c does not know.
+    blob = (_delimited(7, _delimited(1, b"\x03\x04")) + _delimited(5, values[:5].tobytes())
+            + _key(99, 0) + proto._varint(12345) + _delimited(5, values[5:].tobytes())
+            + _key(98, 5) + b"abcd" + _key(97, 1) + b"abcdefgh" + _delimited(96, b"zz")
+            + _delimited(6, np.ones(3, "<f4").tobytes()))   # diff: skipped, whatever its size
     layer = (_string(1, "conv") + _string(2, "Convolution") + _delimited(7, blob)
              + _key(1000, 0) + b"\x05" + _delimited(7, _delimited(7, b"") + _delimited(5, b"\x00\x00\x80\x3f")))
-    got = read_caffemodel(_write_raw(tmp_path, _string(1, "net") + _delimited(100, layer)))
+    got = read_caffemodel(_write_raw(tmp_path, _string(1, "net") + _key(10, 0) + b"\x01" + _delimited(100, layer)))
     kind, blobs = got["conv"]
     assert kind == "Convolution"
-    assert blobs[0].shape == (1, 3, 2, 2)
+    assert blobs[0].shape == (3, 4)
     assert_array_equal(blobs[0].ravel(), values)
     assert blobs[1].shape == () and float(blobs[1]) == 1.0
 
 
-def test_double_data_and_diff_are_handled(tmp_path: Path) -> None:
-    values = np.linspace(-1, 1, 6)
-    blob = (_delimited(7, _delimited(1, b"\x02\x03")) + _delimited(6, np.ones(6, "<f4").tobytes())
-            + b"".join(b"\x41" + struct.pack("<d", v) for v in values))
-    got = read_caffemodel(_write_raw(tmp_path, _delimited(100, _string(1, "l") + _delimited(7, blob))))
-    assert_array_equal(got["l"][1][0], values.reshape(2, 3).astype(np.float32))
+@pytest.mark.parametrize(("data", "match"), [
+    # Pre-2015 Caffe: 4-D num/channels/height/width dims, double_data, unpacked floats, V1 `layers`.
+    (_delimited(100, _string(1, "l") + _delimited(7, _key(1, 0) + b"\x01" + _delimited(5, b"\x00" * 4))),
+     "layer 0 blob 0: blob with 4-D num/channels/height/width dims or double_data .*upgrade_net_proto_binary"),
+    (_delimited(100, _string(1, "l") + _delimited(7, _delimited(8, b"\x00" * 8))), "double_data"),
+    (_delimited(100, _string(1, "l") + _delimited(7, b"\x2d" + struct.pack("<f", 1.0))), "not packed float32"),
+    (_delimited(2, _string(4, "conv1")), "raw.caffemodel: V1 'layers' .*upgrade_net_proto_binary"),
+])
+def test_old_caffe_encodings_are_refused_with_the_file(tmp_path: Path, data: bytes, match: str) -> None:
+    with pytest.raises(WeightsError, match=match) as info:
+        read_caffemodel(_write_raw(tmp_path, data))
+    assert str(info.value).startswith(str(tmp_path / "raw.caffemodel"))
 
 
-def test_packed_double_data_and_diff_from_real_protobuf(tmp_path: Path) -> None:
-    """double_data (packed float64) is read as float32; diff is skipped, whatever its size."""
+def test_real_protobuf_v1_layers_and_double_blobs_are_refused(tmp_path: Path) -> None:
+    caffe_pb2 = _caffe_pb2()
+    old = caffe_pb2.NetParameter(name="old")
+    old.layers.add(name="conv1", type=caffe_pb2.V1LayerParameter.CONVOLUTION).blobs.add(num=1).data.extend([1.0])
+    with pytest.raises(WeightsError, match="V1 'layers'"):
+        read_caffemodel(_write_raw(tmp_path, old.SerializeToString()))
+    double = caffe_pb2.NetParameter(name="d")
+    blob = double.layer.add(name="l", type="Scale").blobs.add()
+    blob.shape.dim.extend([2])
+    blob.double_data.extend([1.0, 2.0])
+    with pytest.raises(WeightsError, match="double_data"):
+        read_caffemodel_net(_write_raw(tmp_path, double.SerializeToString()))
+
+
+def test_diff_from_real_protobuf_is_skipped(tmp_path: Path) -> None:
     caffe_pb2 = _caffe_pb2()
     net = caffe_pb2.NetParameter(name="d")
-    values = np.linspace(-3, 3, 12)
+    values = np.linspace(-3, 3, 12).astype(np.float32)
     blob = net.layer.add(name="l", type="Scale").blobs.add()
     blob.shape.dim.extend([3, 4])
-    blob.double_data.extend(values.tolist())
+    blob.data.extend(values.tolist())
     blob.diff.extend([1.0] * 5)
     got = read_caffemodel(_write_raw(tmp_path, net.SerializeToString()))
-    assert_array_equal(got["l"][1][0], values.reshape(3, 4).astype(np.float32))
-
-
-def test_real_protobuf_legacy_blobs_and_v1_layers(tmp_path: Path) -> None:
-    caffe_pb2 = _caffe_pb2()
-    net = caffe_pb2.NetParameter(name="old")
-    layer = net.layers.add(name="conv1", type=caffe_pb2.V1LayerParameter.CONVOLUTION)
-    weights = np.arange(2 * 3 * 2 * 2, dtype=np.float32)
-    blob = layer.blobs.add(num=2, channels=3, height=2, width=2)
-    blob.data.extend(weights.tolist())
-    bias = layer.blobs.add(num=1, channels=1, height=1, width=2)
-    bias.data.extend([0.5, -0.5])
-    net.layers.add(name="relu1", type=caffe_pb2.V1LayerParameter.RELU)
-    path = _write_raw(tmp_path, net.SerializeToString())
-    got = read_caffemodel(path)
-    assert got["relu1"] == ("ReLU", [])
-    assert got["conv1"][0] == "Convolution"
-    assert_array_equal(got["conv1"][1][0], weights.reshape(2, 3, 2, 2))
-    assert_array_equal(got["conv1"][1][1], np.array([[[[0.5, -0.5]]]], np.float32))
+    assert_array_equal(got["l"][1][0], values.reshape(3, 4))
 
 
 def test_duplicate_layer_names(tmp_path: Path) -> None:
@@ -499,7 +499,7 @@ def test_prototxt_formatting_is_deterministic(tmp_path: Path) -> None:
     net = _small_net(1e-12)
     text = to_prototxt(net)
     path = tmp_path / "deploy.prototxt"
-    write_prototxt(net, path)
+    path.write_text(to_prototxt(net))
     assert path.read_text() == text == to_prototxt(net_from_prototxt(text))
     assert "eps: 1e-12" in text and "negative_slope: 0.1" in text
     assert text.startswith('name: "d2c_test"\nlayer {\n  name: "data"\n  type: "Input"\n  top: "data"\n')
@@ -512,10 +512,7 @@ def test_prototxt_formatting_is_deterministic(tmp_path: Path) -> None:
 _HAND_WRITTEN = r"""
 # A deploy file the way people write them.
 name: 'hand' # trailing comment
-input: "data"
-input_dim: 1 input_dim: 3
-input_dim: 4
-input_dim: 4
+layer { name: "data" type: "Input" top: "data" input_param { shape: { dim: [1, 3] dim: 4 dim: 4 } } }
 layer {
   name: "conv"; type: "Convolution"
   bottom: 'data' top: "conv"
@@ -526,10 +523,9 @@ layer {
     kernel_size: [3, 3]
     pad: 1
     bias_term: False
-    weight_filler { type: "gaussian" std: .01 }
+    stride: [1]
   }
   loss_weight: -inf
-  include { phase: TEST }
   propagate_down: [true, f]
 }
 layer {
@@ -544,15 +540,13 @@ layer {
 def test_parse_hand_written_prototxt() -> None:
     data = parse_prototxt(_HAND_WRITTEN, "hand.prototxt")
     assert data["name"] == "hand"
-    assert data["input_dim"] == [1, 3, 4, 4]
-    conv, py = data["layer"]
+    assert data["layer"][0]["input_param"] == {"shape": [{"dim": [1, 3, 4, 4]}]}
+    conv, py = data["layer"][1:]
     assert conv["param"] == [{"lr_mult": 1.0, "decay_mult": 0.0}, {"lr_mult": 2.0, "decay_mult": 0.0}]
     assert isinstance(conv["param"][0]["lr_mult"], float)
     assert conv["convolution_param"] == {"num_output": 16, "kernel_size": [3, 3], "pad": [1],
-                                         "bias_term": False,
-                                         "weight_filler": {"type": "gaussian", "std": 0.01}}
+                                         "bias_term": False, "stride": [1]}
     assert conv["loss_weight"] == [-math.inf]
-    assert conv["include"] == [{"phase": "TEST"}]
     assert conv["propagate_down"] == [True, False]
     assert py["python_param"]["param_str"] == '{"classes": 80, "tab": "\tAB"}'
     assert py["eltwise_param"] == {"operation": "SUM", "coeff": [1.0, -0.25]}
@@ -563,31 +557,30 @@ def test_parse_matches_real_protobuf_text_parser() -> None:
     text = _HAND_WRITTEN
     real = text_format.Parse(text, caffe_pb2.NetParameter())
     ours = parse_prototxt(text)
-    assert real.layer[1].python_param.param_str == ours["layer"][1]["python_param"]["param_str"]
-    assert real.layer[0].convolution_param.num_output == ours["layer"][0]["convolution_param"]["num_output"]
-    assert list(real.layer[0].propagate_down) == ours["layer"][0]["propagate_down"]
-    assert real.layer[0].loss_weight[0] == ours["layer"][0]["loss_weight"][0]
-    assert real.layer[0].convolution_param.weight_filler.std == np.float32(0.01)
+    assert real.layer[2].python_param.param_str == ours["layer"][2]["python_param"]["param_str"]
+    assert real.layer[1].convolution_param.num_output == ours["layer"][1]["convolution_param"]["num_output"]
+    assert list(real.layer[1].propagate_down) == ours["layer"][1]["propagate_down"]
+    assert real.layer[1].loss_weight[0] == ours["layer"][1]["loss_weight"][0]
+    assert list(real.layer[0].input_param.shape[0].dim) == [1, 3, 4, 4]
 
 
-def test_net_from_legacy_inputs() -> None:
+def test_net_from_input_layer() -> None:
     net = net_from_prototxt(_HAND_WRITTEN, "hand.prototxt")
     assert net.name == "hand"
     assert net.inputs == [("data", (1, 3, 4, 4))]
     assert [layer.name for layer in net.layers] == ["conv", "py"]
     assert net.layers[0].bottom == ["data"] and net.layers[0].blobs == []
-    shaped = net_from_prototxt('input: "a" input: "b" input_shape { dim: 2 } input_shape { dim: 3 dim: 1 }')
-    assert shaped.inputs == [("a", (2,)), ("b", (3, 1))]
 
 
 def test_input_layers_become_inputs_only_when_plain() -> None:
     text = """
-layer { name: "in" type: "Input" top: "a" top: "b" input_param { shape { dim: 1 dim: 2 } } }
-layer { name: "train_in" type: "Input" top: "t" include { phase: TRAIN } input_param { shape { dim: 5 } } }
+layer { name: "in" type: "Input" top: "a" input_param { shape { dim: 1 dim: 2 } } }
+layer { name: "two" type: "Input" top: "b" top: "c" input_param { shape { dim: 1 } } }
+layer { name: "train_in" type: "Input" top: "t" loss_weight: 1 input_param { shape { dim: 5 } } }
 """
     net = net_from_prototxt(text)
-    assert net.inputs == [("a", (1, 2)), ("b", (1, 2))]
-    assert [layer.name for layer in net.layers] == ["train_in"]
+    assert net.inputs == [("a", (1, 2))]
+    assert [layer.name for layer in net.layers] == ["two", "train_in"]
 
 
 @pytest.mark.parametrize(("text", "line", "match"), [
@@ -612,6 +605,8 @@ layer { name: "train_in" type: "Input" top: "t" include { phase: TRAIN } input_p
      'ReLUParameter" has no field named "negative_slop"'),
     ("layer {\n  name: \"a\"\n  lrn_param { local_size: 5 }\n}", 3, 'has no field named "lrn_param"'),
     ('layers { name: "a" type: CONVOLUTION }', 1, "V1 net: upgrade it with Caffe's upgrade_net_proto_text"),
+    ('input: "data"\ninput_dim: 1', 1, 'has no field named "input"'),
+    ("layer { convolution_param { weight_filler { type: 'x' } } }", 1, 'has no field named "weight_filler"'),
 ])
 def test_prototxt_errors_name_path_and_line(text: str, line: int, match: str) -> None:
     with pytest.raises(PrototxtError, match=match) as info:
@@ -623,8 +618,6 @@ def test_prototxt_errors_name_path_and_line(text: str, line: int, match: str) ->
 def test_net_from_prototxt_errors() -> None:
     with pytest.raises(PrototxtError, match=r"^n.prototxt: layer 1 \('a'\) has no 'type'"):
         net_from_prototxt('name: "x"\nlayer { name: "in" type: "Input" }\nlayer { name: "a" }', "n.prototxt")
-    with pytest.raises(PrototxtError, match="input_dim"):
-        net_from_prototxt('input: "a" input_dim: 1 input_dim: 2', "n.prototxt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -745,7 +738,7 @@ def _reference(net: CaffeNet, x: np.ndarray) -> dict[str, np.ndarray]:
 def _write_small_net(tmp_path: Path, eps: float) -> tuple[CaffeNet, Path, Path]:
     net = _small_net(eps)
     prototxt, model = tmp_path / "deploy.prototxt", tmp_path / "weights.caffemodel"
-    write_prototxt(net, prototxt)
+    prototxt.write_text(to_prototxt(net))
     write_caffemodel(net, model)
     return net, prototxt, model
 
@@ -841,16 +834,15 @@ def test_pycaffe_saved_model_reads_back(tmp_path: Path) -> None:
             assert ours.shape == param.shape
             assert_array_equal(ours, param)
     assert sum(len(blobs) for _, blobs in got.values()) == 7  # conv 1, bn 3, scale 2, deconv 1
-    # The full decode sees Caffe's copy of our params, plus what Caffe adds itself: `phase`,
-    # Split layers (which rename bottoms), and frozen ParamSpecs for BatchNorm's statistics.
+    # The full decode sees Caffe's copy of our params, plus what Caffe adds itself: Split layers
+    # (which rename bottoms) and frozen ParamSpecs for BatchNorm's statistics; `phase` is not d2c's, skipped.
     full = read_caffemodel_net(saved)
-    assert full.name == "d2c_test" and full.inputs == []
+    assert full.name == "d2c_test" and full.inputs == [("data", _IN_SHAPE)]
     decoded = {layer.name: layer for layer in full.layers}
-    assert decoded["data"].params == {"phase": "TEST", "input_param": {"shape": [{"dim": list(_IN_SHAPE)}]}}
-    assert sorted(decoded) == sorted(["data", "scale1_relu1_0_split", "crop1_crop1_0_split",
+    assert sorted(decoded) == sorted(["scale1_relu1_0_split", "crop1_crop1_0_split",
                                       *(layer.name for layer in net.layers)])
     for layer in net.layers:
-        expected = {"phase": "TEST", **_f32_normalised(layer.params)}
+        expected = _f32_normalised(layer.params)
         if layer.type == "BatchNorm":
             expected["param"] = [{"lr_mult": 0.0}] * 3
         assert decoded[layer.name].params == expected, layer.name

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from d2c import cli
+from d2c import cli, numerics
 from d2c.convert import convert, load_graph
 from d2c.darknet.runtime import DarknetProcess
 from d2c.darknet.weights import WeightsHeader, random_weights, write_weights
-from d2c.detect import (Detection, Engine, box_iou, class_names, decode_heads, detections_to_json,
+from d2c.detect import (Detection, Engine, class_names, decode_heads, detections_to_json,
                         do_nms_sort, load_model_files, run_model)
 from d2c.errors import D2CError, DatasetError
 from d2c.image import letterbox, letterbox_size, load_image_rgb, resize_image
@@ -357,6 +357,11 @@ def _det(box, obj, probs, classes=None) -> Detection:
     probs = np.asarray(probs, F32)
     return Detection(bbox=np.asarray(box, F32), objectness=F32(obj), prob=probs,
                      classes=len(probs) if classes is None else classes)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """d2c.numerics.box_iou (what do_nms_sort compares) of box `a` (4,) against rows of `b` (n, 4)."""
+    return numerics.box_iou(numerics.Box(*np.asarray(a, F32)), numerics.Box(*np.asarray(b, F32).T))
 
 
 def test_box_iou_values() -> None:

@@ -45,13 +45,10 @@ class Emitter:
     options: ConvertOptions
     input_shape: tuple[int, int, int]
     layers: list[CaffeLayer] = field(default_factory=list)
-    blob_of: dict[int, str] = field(default_factory=dict)
+    blob_of: dict[int, str] = field(default_factory=lambda: {-1: "data"})   # -1: the network input
     heads: list[Head] = field(default_factory=list)
     extra_inputs: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # e.g. ("truth", (b, 450))
     _names: set[str] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.blob_of[-1] = "data"
 
     @property
     def training(self) -> bool:
@@ -75,18 +72,12 @@ class Emitter:
 
     def learnable(self, lr_mult: float, with_bias: bool) -> list[dict[str, float]] | None:
         """ParamSpecs for a learnable weight (+bias): Darknet decays weights only, never biases."""
-        if not self.training:
-            return None
-        specs = [{"lr_mult": lr_mult, "decay_mult": 1.0}]
-        if with_bias:
-            specs.append({"lr_mult": lr_mult, "decay_mult": 0.0})
-        return specs
+        bias = [{"lr_mult": lr_mult, "decay_mult": 0.0}] if with_bias else []
+        return [{"lr_mult": lr_mult, "decay_mult": 1.0}, *bias] if self.training else None
 
     def frozen(self, count: int) -> list[dict[str, float]] | None:
         """ParamSpecs for fixed helper weights (upsample, reorg): never learned, never decayed."""
-        if not self.training:
-            return None
-        return [{"lr_mult": 0.0, "decay_mult": 0.0}] * count
+        return [{"lr_mult": 0.0, "decay_mult": 0.0}] * count if self.training else None
 
     def net(self) -> CaffeNet:
         c, h, w = self.input_shape

@@ -1,11 +1,9 @@
 """Caffe model files without pycaffe or protoc: the caffe.proto subset d2c uses, on the protobuf runtime.
 
-SCHEMA is the part of caffe.proto d2c writes or reads, with Caffe's field numbers and types (checked
-against pycaffe's descriptors in tests/test_caffe_proto.py); it becomes a descriptor at import and
-protobuf does typing, wire format and text format. Only blob data bypasses it, because protobuf
-handles packed floats one Python float at a time: blob payloads go between numpy and the file untouched.
-Prototxt reading is strict (a field outside SCHEMA, misspelt or not, is an error at file:line:column);
-binary files skip unknown fields, as protobuf does, so real Caffe's caffemodels read.
+SCHEMA (checked against pycaffe's descriptors in tests/test_caffe_proto.py) becomes a descriptor at import;
+protobuf does typing, wire and text format. Only blob data bypasses it (protobuf handles packed floats one
+Python float at a time). Prototxt reading is strict: a field outside SCHEMA, misspelt or not, is an error
+at file:line:column; binary files skip unknown fields, as protobuf does, so real Caffe's caffemodels read.
 """
 from __future__ import annotations
 
@@ -24,9 +22,9 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from d2c.errors import CfgError, D2CError, ParamError, WeightsError
-from d2c.fsutil import atomic_write, atomic_write_text
+from d2c.fsutil import atomic_write
 
-__all__ = ["CaffeLayer", "CaffeNet", "PrototxtError", "MESSAGES", "to_prototxt", "write_prototxt", "write_caffemodel",
+__all__ = ["CaffeLayer", "CaffeNet", "PrototxtError", "MESSAGES", "to_prototxt", "write_caffemodel",
            "read_caffemodel", "read_caffemodel_net", "parse_prototxt", "net_from_prototxt", "solver_to_prototxt"]
 
 
@@ -55,100 +53,52 @@ class CaffeNet:
     layers: list[CaffeLayer]
 
 
-# Proto2 syntax with `optional` left out. Declaration order is the prototxt order (Caffe's own); the
-# binary form is in field-number order. Engine is one shared enum here (Caffe nests a copy per layer).
+# Proto2 syntax with `optional` left out: only the fields d2c writes or reads, with Caffe's numbers and
+# types. Declaration order is the prototxt order (Caffe's own); the binary form is in field-number order.
 SCHEMA = """
-enum Phase { TRAIN = 0; TEST = 1; }
-enum Engine { DEFAULT = 0; CAFFE = 1; CUDNN = 2; }
 message BlobShape { repeated int64 dim = 1 [packed = true]; }
-message BlobProto { BlobShape shape = 7; repeated float data = 5 [packed = true];
-  repeated float diff = 6 [packed = true]; repeated double double_data = 8 [packed = true];
-  repeated double double_diff = 9 [packed = true]; int32 num = 1; int32 channels = 2; int32 height = 3;
-  int32 width = 4; }
-message FillerParameter { string type = 1; float value = 2; float min = 3; float max = 4; float mean = 5;
-  float std = 6; int32 sparse = 7; enum VarianceNorm { FAN_IN = 0; FAN_OUT = 1; AVERAGE = 2; }
-  VarianceNorm variance_norm = 8; }
-message NetParameter { string name = 1; repeated string input = 3; repeated BlobShape input_shape = 8;
-  repeated int32 input_dim = 4; bool force_backward = 5; NetState state = 6; bool debug_info = 7;
-  repeated LayerParameter layer = 100; }
-message NetState { Phase phase = 1; int32 level = 2; repeated string stage = 3; }
-message NetStateRule { Phase phase = 1; int32 min_level = 2; int32 max_level = 3; repeated string stage = 4;
-  repeated string not_stage = 5; }
-message ParamSpec { string name = 1; enum DimCheckMode { STRICT = 0; PERMISSIVE = 1; } DimCheckMode share_mode = 2;
-  float lr_mult = 3; float decay_mult = 4; }
+message BlobProto { BlobShape shape = 7; repeated float data = 5 [packed = true]; }
+message NetParameter { string name = 1; repeated LayerParameter layer = 100; }
+message ParamSpec { float lr_mult = 3; float decay_mult = 4; }
 message LayerParameter { string name = 1; string type = 2; repeated string bottom = 3; repeated string top = 4;
-  Phase phase = 10; repeated float loss_weight = 5; repeated ParamSpec param = 6; repeated BlobProto blobs = 7;
-  repeated bool propagate_down = 11; repeated NetStateRule include = 8; repeated NetStateRule exclude = 9;
-  LossParameter loss_param = 101; BatchNormParameter batch_norm_param = 139; BiasParameter bias_param = 141;
-  ConcatParameter concat_param = 104; ConvolutionParameter convolution_param = 106; CropParameter crop_param = 144;
-  DropoutParameter dropout_param = 108; EltwiseParameter eltwise_param = 110; FlattenParameter flatten_param = 135;
+  repeated float loss_weight = 5; repeated ParamSpec param = 6; repeated BlobProto blobs = 7;
+  repeated bool propagate_down = 11; BatchNormParameter batch_norm_param = 139; ConcatParameter concat_param = 104;
+  ConvolutionParameter convolution_param = 106; CropParameter crop_param = 144; DropoutParameter dropout_param = 108;
+  EltwiseParameter eltwise_param = 110; FlattenParameter flatten_param = 135;
   InnerProductParameter inner_product_param = 117; InputParameter input_param = 143;
   PoolingParameter pooling_param = 121; PowerParameter power_param = 122; PythonParameter python_param = 130;
   ReLUParameter relu_param = 123; ReshapeParameter reshape_param = 133; ScaleParameter scale_param = 142;
-  SigmoidParameter sigmoid_param = 124; SoftmaxParameter softmax_param = 125; SliceParameter slice_param = 126;
-  SwishParameter swish_param = 147; TanHParameter tanh_param = 127; }
-message LossParameter { int32 ignore_label = 1;
-  enum NormalizationMode { FULL = 0; VALID = 1; BATCH_SIZE = 2; NONE = 3; } NormalizationMode normalization = 3;
-  bool normalize = 2; }
+  SoftmaxParameter softmax_param = 125; SliceParameter slice_param = 126; }
 message BatchNormParameter { bool use_global_stats = 1; float moving_average_fraction = 2; float eps = 3; }
-message BiasParameter { int32 axis = 1; int32 num_axes = 2; FillerParameter filler = 3; }
-message ConcatParameter { int32 axis = 2; uint32 concat_dim = 1; }
+message ConcatParameter { int32 axis = 2; }
 message ConvolutionParameter { uint32 num_output = 1; bool bias_term = 2; repeated uint32 pad = 3;
-  repeated uint32 kernel_size = 4; repeated uint32 stride = 6; repeated uint32 dilation = 18; uint32 pad_h = 9;
-  uint32 pad_w = 10; uint32 kernel_h = 11; uint32 kernel_w = 12; uint32 stride_h = 13; uint32 stride_w = 14;
-  uint32 group = 5; FillerParameter weight_filler = 7; FillerParameter bias_filler = 8; Engine engine = 15;
-  int32 axis = 16; bool force_nd_im2col = 17; }
+  repeated uint32 kernel_size = 4; repeated uint32 stride = 6; uint32 group = 5; }
 message CropParameter { int32 axis = 1; repeated uint32 offset = 2; }
 message DropoutParameter { float dropout_ratio = 1; }
 message EltwiseParameter { enum EltwiseOp { PROD = 0; SUM = 1; MAX = 2; } EltwiseOp operation = 1;
-  repeated float coeff = 2; bool stable_prod_grad = 3; }
-message FlattenParameter { int32 axis = 1; int32 end_axis = 2; }
-message InnerProductParameter { uint32 num_output = 1; bool bias_term = 2; FillerParameter weight_filler = 3;
-  FillerParameter bias_filler = 4; int32 axis = 5; bool transpose = 6; }
+  repeated float coeff = 2; }
+message FlattenParameter { int32 axis = 1; }
+message InnerProductParameter { uint32 num_output = 1; bool bias_term = 2; int32 axis = 5; }
 message InputParameter { repeated BlobShape shape = 1; }
 message PoolingParameter { enum PoolMethod { MAX = 0; AVE = 1; STOCHASTIC = 2; } PoolMethod pool = 1; uint32 pad = 4;
   uint32 pad_h = 9; uint32 pad_w = 10; uint32 kernel_size = 2; uint32 kernel_h = 5; uint32 kernel_w = 6;
-  uint32 stride = 3; uint32 stride_h = 7; uint32 stride_w = 8; Engine engine = 11; bool global_pooling = 12;
-  enum RoundMode { CEIL = 0; FLOOR = 1; } RoundMode round_mode = 13; }
+  uint32 stride = 3; uint32 stride_h = 7; uint32 stride_w = 8; bool global_pooling = 12; }
 message PowerParameter { float power = 1; float scale = 2; float shift = 3; }
-message PythonParameter { string module = 1; string layer = 2; string param_str = 3; bool share_in_parallel = 4; }
-message ReLUParameter { float negative_slope = 1; Engine engine = 2; }
-message ReshapeParameter { BlobShape shape = 1; int32 axis = 2; int32 num_axes = 3; }
-message ScaleParameter { int32 axis = 1; int32 num_axes = 2; FillerParameter filler = 3; bool bias_term = 4;
-  FillerParameter bias_filler = 5; }
-message SigmoidParameter { Engine engine = 1; }
-message SoftmaxParameter { Engine engine = 1; int32 axis = 2; }
-message SliceParameter { int32 axis = 3; repeated uint32 slice_point = 2; uint32 slice_dim = 1; }
-message SwishParameter { float beta = 1; }
-message TanHParameter { Engine engine = 1; }
-message SolverParameter { string net = 24; string train_net = 1; repeated string test_net = 2;
-  repeated int32 test_iter = 3; int32 test_interval = 4; bool test_initialization = 32; float base_lr = 5;
-  int32 display = 6; int32 average_loss = 33; int32 max_iter = 7; int32 iter_size = 36; string lr_policy = 8;
-  float gamma = 9; float power = 10; float momentum = 11; float weight_decay = 12; string regularization_type = 29;
-  int32 stepsize = 13; repeated int32 stepvalue = 34; float clip_gradients = 35; int32 snapshot = 14;
-  string snapshot_prefix = 15; bool snapshot_diff = 16; enum SnapshotFormat { HDF5 = 0; BINARYPROTO = 1; }
-  SnapshotFormat snapshot_format = 37; enum SolverMode { CPU = 0; GPU = 1; } SolverMode solver_mode = 17;
-  int32 device_id = 18; int64 random_seed = 20; string type = 40; float delta = 31; float momentum2 = 39;
-  float rms_decay = 38; bool debug_info = 23; bool snapshot_after_train = 28;
-  enum SolverType { SGD = 0; NESTEROV = 1; ADAGRAD = 2; RMSPROP = 3; ADADELTA = 4; ADAM = 5; }
-  SolverType solver_type = 30; bool layer_wise_reduce = 41; repeated string weights = 42; }
-message V1LayerParameter { repeated string bottom = 2; repeated string top = 3; string name = 4;
-  enum LayerType { NONE = 0; ABSVAL = 35; ACCURACY = 1; ARGMAX = 30; BNLL = 2; CONCAT = 3; CONTRASTIVE_LOSS = 37;
-    CONVOLUTION = 4; DATA = 5; DECONVOLUTION = 39; DROPOUT = 6; DUMMY_DATA = 32; EUCLIDEAN_LOSS = 7; ELTWISE = 25;
-    EXP = 38; FLATTEN = 8; HDF5_DATA = 9; HDF5_OUTPUT = 10; HINGE_LOSS = 28; IM2COL = 11; IMAGE_DATA = 12;
-    INFOGAIN_LOSS = 13; INNER_PRODUCT = 14; LRN = 15; MEMORY_DATA = 29; MULTINOMIAL_LOGISTIC_LOSS = 16; MVN = 34;
-    POOLING = 17; POWER = 26; RELU = 18; SIGMOID = 19; SIGMOID_CROSS_ENTROPY_LOSS = 27; SILENCE = 36; SOFTMAX = 20;
-    SOFTMAX_LOSS = 21; SPLIT = 22; SLICE = 33; TANH = 23; WINDOW_DATA = 24; THRESHOLD = 31; }
-  LayerType type = 5; repeated BlobProto blobs = 6; }
+message PythonParameter { string module = 1; string layer = 2; string param_str = 3; }
+message ReLUParameter { float negative_slope = 1; }
+message ReshapeParameter { BlobShape shape = 1; }
+message ScaleParameter { int32 axis = 1; bool bias_term = 4; }
+message SoftmaxParameter { int32 axis = 2; }
+message SliceParameter { int32 axis = 3; repeated uint32 slice_point = 2; }
+message SolverParameter { string net = 24; float base_lr = 5; int32 display = 6; int32 average_loss = 33;
+  int32 max_iter = 7; int32 iter_size = 36; string lr_policy = 8; float gamma = 9; float power = 10;
+  float momentum = 11; float weight_decay = 12; string regularization_type = 29; int32 stepsize = 13;
+  repeated int32 stepvalue = 34; int32 snapshot = 14; string snapshot_prefix = 15;
+  enum SolverMode { CPU = 0; GPU = 1; } SolverMode solver_mode = 17; string type = 40; }
 """
-# V1 type names whose current type string is not the CamelCase of their words.
-_V1_NAMES = {"ABSVAL": "AbsVal", "ARGMAX": "ArgMax", "BNLL": "BNLL", "HDF5_DATA": "HDF5Data", "LRN": "LRN",
-             "HDF5_OUTPUT": "HDF5Output", "IM2COL": "Im2col", "MVN": "MVN", "RELU": "ReLU", "TANH": "TanH",
-             "SOFTMAX_LOSS": "SoftmaxWithLoss"}
 _DECL = re.compile(r"message (\w+) \{|enum (\w+) \{([^}]*)\}|(repeated )?(\w+) (\w+) = (\d+)( \[packed = true\])?;|\}")
 _PB = descriptor_pb2.FieldDescriptorProto
-_SCALARS = {name: getattr(_PB, f"TYPE_{name.upper()}") for name in ("double", "float", "int64", "int32", "bool",
-                                                                    "string", "uint32")}
+_SCALARS = {n: getattr(_PB, f"TYPE_{n.upper()}") for n in "float double int64 int32 bool string uint32".split()}
 
 
 def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
@@ -160,15 +110,14 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     for match in _DECL.finditer(SCHEMA):
         msg_name, enum_name, values, repeated, kind, name, number, packed = match.groups()
         if enum_name:
-            enum = (message.enum_type if message else proto.enum_type).add(name=enum_name)
+            enum = message.enum_type.add(name=enum_name)  # enums are nested in their message
             for value, value_number in re.findall(r"(\w+) = (\d+)", values):
                 enum.value.add(name=value, number=int(value_number))
         elif name:
             fld = message.field.add(name=name, number=int(number),
                                     label=_PB.LABEL_REPEATED if repeated else _PB.LABEL_OPTIONAL)
             nested = any(e.name == kind for e in message.enum_type)
-            is_enum = nested or any(e.name == kind for e in proto.enum_type)
-            fld.type = _SCALARS.get(kind) or (_PB.TYPE_ENUM if is_enum else _PB.TYPE_MESSAGE)
+            fld.type = _SCALARS.get(kind) or (_PB.TYPE_ENUM if nested else _PB.TYPE_MESSAGE)
             if kind not in _SCALARS:
                 fld.type_name = f".caffe.{message.name}.{kind}" if nested else f".caffe.{kind}"
             if packed:
@@ -255,14 +204,9 @@ def _layer_message(layer: CaffeLayer) -> Message:
 
 
 def _all_layers(net: CaffeNet) -> list[CaffeLayer]:
-    """`inputs` as leading Input layers (the modern form; legacy input/input_dim is never written)."""
-    inputs = [entry if isinstance(entry, (tuple, list)) and len(entry) == 2 else (None, ()) for entry in net.inputs]
-    for (blob, shape), entry in zip(inputs, net.inputs):
-        if not isinstance(blob, str) or not isinstance(shape, (tuple, list)) \
-                or any(d < 0 for d in shape if isinstance(d, (int, np.integer))):
-            raise ParamError(f"net '{net.name}': input {entry!r} needs a name and a non-negative shape")
+    """`inputs` as leading Input layers (the modern form, checked by _fill like any layer)."""
     return [*(CaffeLayer(blob, "Input", [], [blob], {"input_param": {"shape": [{"dim": list(shape)}]}})
-              for blob, shape in inputs), *net.layers]
+              for blob, shape in net.inputs), *net.layers]
 
 
 # Text format: protobuf's, with fields in declaration order.
@@ -271,11 +215,6 @@ def to_prototxt(net: CaffeNet) -> str:
     pb = _fill(MESSAGES["NetParameter"](), {"name": net.name or None}, f"net '{net.name}'")
     pb.layer.extend(_layer_message(layer) for layer in _all_layers(net))
     return text_format.MessageToString(pb, as_utf8=True, use_index_order=True)
-
-
-def write_prototxt(net: CaffeNet, path: str | Path) -> None:
-    """to_prototxt, written atomically."""
-    atomic_write_text(path, to_prototxt(net))
 
 
 def solver_to_prototxt(fields: Mapping[str, Any], comments: list[str] | tuple[str, ...] = ()) -> str:
@@ -302,7 +241,7 @@ def parse_prototxt(text: str, path: str = "<prototxt>", message: str = "NetParam
 
 
 def net_from_prototxt(text: str, path: str = "<prototxt>") -> CaffeNet:
-    """A prototxt as a CaffeNet: plain Input layers and legacy inputs become `inputs`."""
+    """A prototxt as a CaffeNet: plain Input layers become `inputs`."""
     net = parse_prototxt(text, path)
     return _to_net(net, [(layer, layer.pop("blobs", [])) for layer in net.pop("layer", [])], path, PrototxtError)
 
@@ -310,7 +249,7 @@ def net_from_prototxt(text: str, path: str = "<prototxt>") -> CaffeNet:
 # messages -> dicts -> CaffeNets
 def _value(fld: FieldDescriptor, value: Any, where: str, error: type[D2CError]) -> Any:
     if fld.message_type is not None:  # a blob in a prototxt: protobuf's floats are few there
-        return (_blob(value, np.asarray(value.data or value.double_data, np.float32), where, error)
+        return (_blob(value, np.asarray(value.data, np.float32), where, error)
                 if fld.message_type.name == "BlobProto" else _to_dict(value, where, error))
     if fld.enum_type is not None:
         return fld.enum_type.values_by_number[value].name
@@ -327,13 +266,10 @@ def _to_dict(msg: Message, where: str, error: type[D2CError]) -> dict[str, Any]:
 
 
 def _blob(pb: Message, data: np.ndarray, where: str, error: type[D2CError]) -> np.ndarray:
-    """A BlobProto's float32 `data` shaped by BlobShape or the legacy 4-D num/channels/height/width."""
-    if pb.HasField("shape"):
-        shape = tuple(pb.shape.dim)
-    elif any(pb.HasField(k) for k in ("num", "channels", "height", "width")):
-        shape = (pb.num, pb.channels, pb.height, pb.width)
-    else:
-        return data  # no shape at all: keep the values flat
+    """A BlobProto's float32 `data` shaped by its BlobShape (flat without one)."""
+    if not pb.HasField("shape"):
+        return data
+    shape = tuple(pb.shape.dim)
     if any(d < 0 for d in shape) or data.size != math.prod(shape):
         raise error(f"{where}: blob shape {shape} does not fit the {data.size} values in the file")
     return data.reshape(shape)
@@ -341,23 +277,17 @@ def _blob(pb: Message, data: np.ndarray, where: str, error: type[D2CError]) -> n
 
 def _to_net(net: dict[str, Any], layers: list[tuple[dict[str, Any], list[np.ndarray]]], where: str,
             error: type[D2CError]) -> CaffeNet:
-    """NetParameter dicts -> CaffeNet; plain Input layers and legacy input fields become `inputs`."""
-    names, dims = net.get("input", []), net.get("input_dim", [])
-    shapes = [tuple(s.get("dim", [])) for s in net.get("input_shape", [])]
-    if names and not shapes and len(dims) == 4 * len(names):
-        shapes = [tuple(dims[4 * i:4 * i + 4]) for i in range(len(names))]
-    if len(shapes) != len(names):
-        raise error(f"{where}: {len(names)} inputs but {len(shapes)} input shapes ({len(dims)} input_dim values)")
-    inputs, out = list(zip(names, shapes)), []
+    """NetParameter dicts -> CaffeNet; plain Input layers (one top, one shape, nothing else) become `inputs`."""
+    inputs, out = [], []
     for index, (params, blobs) in enumerate(layers):
         for key in ("name", "type"):
             if not params.get(key):
                 raise error(f"{where}: layer {index} ('{params.get('name', '')}') has no '{key}'")
         name, kind, bottom, top = (params.pop(k, []) for k in ("name", "type", "bottom", "top"))
         shapes = params.get("input_param", {}).get("shape", [])
-        if kind == "Input" and set(params) == {"input_param"} and set(params["input_param"]) == {"shape"} \
-                and not bottom and top and len(shapes) in (1, len(top)):
-            inputs += [(blob, tuple(shapes[i if len(shapes) > 1 else 0].get("dim", []))) for i, blob in enumerate(top)]
+        if kind == "Input" and params == {"input_param": {"shape": shapes}} and not bottom \
+                and len(top) == len(shapes) == 1:
+            inputs.append((top[0], tuple(shapes[0].get("dim", []))))
         else:
             out.append(CaffeLayer(name, kind, bottom, top, params, blobs))
     return CaffeNet(net.get("name", ""), inputs, out)
@@ -371,14 +301,11 @@ def _varint(value: int) -> bytes:
 
 def _read_varint(buf: memoryview, pos: int, end: int, where: str) -> tuple[int, int]:
     result = shift = 0
-    while shift < 70:
-        if pos >= end:
-            raise WeightsError(f"{where}: truncated varint at byte {pos}")
-        result |= (buf[pos] & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
+    while pos < end and shift < 70:
+        result, pos, shift = result | (buf[pos] & 0x7F) << shift, pos + 1, shift + 7
         if not buf[pos - 1] & 0x80:
             return result, pos
-    raise WeightsError(f"{where}: varint longer than 10 bytes at byte {pos}")
+    raise WeightsError(f"{where}: varint truncated or longer than 10 bytes at byte {pos}")
 
 
 def _fields(buf: memoryview, pos: int, end: int, where: str) -> Iterator[tuple[int, int, int, int, int]]:
@@ -458,27 +385,27 @@ def _split(buf: memoryview, a: int, b: int, where: str, raw: tuple[int, ...]) ->
     return rest, spans
 
 
+def _old_format(spans: list[tuple], numbers: tuple[int, ...], what: str, where: str) -> None:
+    """Pre-2015 Caffe encodings (V1 layers, 4-D blob dims, double blobs) are refused, not guessed at."""
+    if any(number in numbers for number, *_ in spans):
+        raise WeightsError(f"{where}: {what} (an old Caffe format); upgrade it with Caffe's "
+                           f"upgrade_net_proto_binary tool first")
+
+
 def _read_blob(buf: memoryview, a: int, b: int, where: str) -> np.ndarray:
-    """A BlobProto: packed data (5) or double_data (8) read straight into numpy, the rest by protobuf."""
-    rest, spans = _split(buf, a, b, where, (5, 6, 8, 9))
-    for number, wire, fa, fb in spans:
-        if wire not in (2, 5 if number < 8 else 1):
-            raise WeightsError(f"{where}: wire type {wire} does not fit blob field {number}")
-        if wire == 2 and (fb - fa) % (4 if number < 8 else 8):
-            raise WeightsError(f"{where}: packed data at byte {fa} is not a whole number of values")
-    if any(wire != 2 for _, wire, _, _ in spans):  # unpacked values (old writers): protobuf's slow path
-        pb = _parse("BlobProto", buf[a:b], where)
-        return _blob(pb, np.asarray(pb.data or pb.double_data, np.float32), where, WeightsError)
-    chunks = {n: [np.frombuffer(buf, dtype, (fb - fa) // np.dtype(dtype).itemsize, fa) for number, _, fa, fb in spans
-                  if number == n] for n, dtype in ((5, "<f4"), (8, "<f8"))}  # data, double_data
-    source = chunks[5] or chunks[8] or [np.zeros(0, np.float32)]
-    data = source[0].astype(np.float32) if len(source) == 1 else np.concatenate(source, dtype=np.float32)
+    """A BlobProto: its packed data (5) read straight into numpy, the shape by protobuf."""
+    rest, spans = _split(buf, a, b, where, (1, 2, 3, 4, 5, 8))
+    _old_format(spans, (1, 2, 3, 4, 8), "blob with 4-D num/channels/height/width dims or double_data", where)
+    if any(wire != 2 for _, wire, _, _ in spans) or any((fb - fa) % 4 for _, _, fa, fb in spans):
+        raise WeightsError(f"{where}: blob data that is not packed float32 (wire type or length)")
+    chunks = [np.frombuffer(buf, "<f4", (fb - fa) // 4, fa) for _, _, fa, fb in spans]
+    data = chunks[0].astype(np.float32) if len(chunks) == 1 else np.concatenate(chunks or [[]], dtype=np.float32)
     return _blob(_parse("BlobProto", rest, where), data, where, WeightsError)
 
 
 def _read(path: str | Path, full: bool) -> tuple[dict[str, Any], list[tuple[dict[str, Any], list[np.ndarray]]]]:
-    """(NetParameter without layers, [(LayerParameter without blobs, blobs)]) as dicts, V1 layers upgraded;
-    only each layer's name and type unless `full`."""
+    """(NetParameter without layers, [(LayerParameter without blobs, blobs)]) as dicts; only each
+    layer's name and type unless `full`."""
     try:
         with open(path, "rb") as handle:  # an mmap: blob data is copied once, page cache -> arrays
             size = os.fstat(handle.fileno()).st_size
@@ -488,29 +415,25 @@ def _read(path: str | Path, full: bool) -> tuple[dict[str, Any], list[tuple[dict
     if not size:
         raise WeightsError(f"{path}: caffemodel is empty")
     rest, spans = _split(buf, 0, len(buf), str(path), (2, 100))
-    if {number for number, *_ in spans} == {2, 100}:
-        raise WeightsError(f"{path}: mixes V1 'layers' and current 'layer' fields (Caffe rejects this)")
+    _old_format(spans, (2,), "V1 'layers'", str(path))
     layers = []
-    for index, (number, wire, a, b) in enumerate(spans):
+    for index, (_, wire, a, b) in enumerate(spans):
         where = f"{path}: layer {index}"
-        layer_rest, blob_spans = _split(buf, a, b, where, (7 if number == 100 else 6,)) if wire == 2 else (b"", [])
+        layer_rest, blob_spans = _split(buf, a, b, where, (7,)) if wire == 2 else (b"", [])
         if wire != 2 or any(blob_wire != 2 for _, blob_wire, _, _ in blob_spans):
             raise WeightsError(f"{where}: a layer or blob that is not a message (wire type {wire})")
         blobs = [_read_blob(buf, fa, fb, f"{where} blob {i}") for i, (_, _, fa, fb) in enumerate(blob_spans)]
-        msg = _parse("LayerParameter" if number == 100 else "V1LayerParameter", layer_rest, where)
+        msg = _parse("LayerParameter", layer_rest, where)
         fields = msg.DESCRIPTOR.fields_by_name
-        layer = _to_dict(msg, where, WeightsError) if full else \
-            {key: _value(fields[key], getattr(msg, key), where, WeightsError) for key in ("name", "type")}
-        if number == 2:  # V1: the type is an enum; current type strings are CamelCase
-            v1_type = layer.get("type", "NONE")
-            layer["type"] = _V1_NAMES.get(v1_type) or v1_type.title().replace("_", "")
-        layers.append((layer, blobs))
+        layers.append((_to_dict(msg, where, WeightsError) if full else
+                       {key: _value(fields[key], getattr(msg, key), where, WeightsError) for key in ("name", "type")},
+                       blobs))
     return _to_dict(_parse("NetParameter", rest, str(path)), str(path), WeightsError), layers
 
 
 def read_caffemodel(path: str | Path) -> dict[str, tuple[str, list[np.ndarray]]]:
-    """Layer name -> (type, float32 blobs) from a .caffemodel, ours or real Caffe's (packed or unpacked
-    data, BlobShape or legacy 4-D dims, V1 `layers`). Same-named layers are fine unless two carry blobs."""
+    """Layer name -> (type, float32 blobs) from a .caffemodel, ours or real Caffe's. Same-named
+    layers are fine unless two carry blobs."""
     out: dict[str, tuple[str, list[np.ndarray]]] = {}
     for layer, blobs in _read(path, full=False)[1]:
         name = layer.get("name", "")

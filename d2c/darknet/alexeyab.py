@@ -162,6 +162,7 @@ class AlexeyABNet(DarknetNet):
     """
 
     engine = "alexeyab"
+    FLAVOR = "alexeyab"
 
     def __init__(self, cfg: str | Path, weights: str | Path | None = None, *, batch: int | None = None,
                  clear: bool = False, strict_weights: bool = True, quiet: bool = False,
@@ -218,17 +219,6 @@ class AlexeyABNet(DarknetNet):
         if info["type"] in ("SHORTCUT", "ROUTE", "SAM", "SCALE_CHANNELS"):
             info["input_layers"] = [int(l.input_layers[k]) for k in range(l.n)] if l.input_layers else []
         return info
-
-    def _param_specs(self, l: Any, buffers: str = "params") -> dict[str, tuple[Any, tuple[int, ...]]]:
-        specs = super()._param_specs(l, buffers)
-        kind = self._type(l)
-        if kind == "BATCHNORM" and buffers == "params" and l.biases:
-            specs = {"biases": (l.biases, (int(l.c),)), **specs}     # AlexeyAB stores BN's beta
-        if kind == "SHORTCUT" and l.nweights > 0:
-            ptr = l.weight_updates if buffers == "updates" else l.weights
-            if ptr:
-                specs["weight_updates" if buffers == "updates" else "weights"] = (ptr, (int(l.nweights),))
-        return specs
 
     def _check_weights_fit(self, path: Path, strict: bool) -> None:
         head = weights_header_size(path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 import os
 import struct
 import subprocess
@@ -39,6 +40,7 @@ from d2c.darknet.cfg import parse_cfg
 from d2c.darknet.header import CHeader, load_header
 from d2c.errors import (CfgError, D2CError, DatasetError, EngineError, ParamError,
                         UnsupportedLayerError, WeightsError)
+from d2c.layers import REGISTRY
 
 DEFAULT_LIBRARY = Path("/usr/lib/darknet/libdarknet.so")
 LIBRARY_ENV = "D2C_DARKNET_LIB"      # override the library path (tests, other installs)
@@ -279,6 +281,8 @@ class DarknetNet:
     such as darknet53.conv.74. `quiet` sends Darknet's prints to /dev/null (fd-level).
     """
 
+    FLAVOR = "pjreddie"   # whose layer arrays the converters' engine_arrays describe
+
     def __init__(self, cfg: str | Path, weights: str | Path | None = None, *, batch: int | None = None,
                  clear: bool = False, strict_weights: bool = True, quiet: bool = False) -> None:
         self._net = None
@@ -475,66 +479,12 @@ class DarknetNet:
 
     # --- parameters ----------------------------------------------------------------------
     def _param_specs(self, l: Any, buffers: str = "params") -> dict[str, tuple[Any, tuple[int, ...]]]:
-        """name -> (pointer, shape) for the arrays a layer has, in .weights file order."""
-        kind = self._type(l)
-        bn = bool(l.batch_normalize)
-        specs: dict[str, tuple[Any, tuple[int, ...]]] = {}
-        updates = buffers == "updates"
-
-        def add(name: str, ptr: Any, shape: tuple[int, ...]) -> None:
-            if ptr and int(np.prod(shape)) > 0:
-                specs[name] = (ptr, tuple(int(s) for s in shape))
-
-        if kind in ("CONVOLUTIONAL", "DECONVOLUTIONAL"):
-            n, k = l.n, l.size
-            if kind == "CONVOLUTIONAL":
-                wshape = (n, l.c // max(1, l.groups), k, k)
-            else:
-                wshape = (l.c, n, k, k)
-            if int(np.prod(wshape)) != l.nweights:
-                wshape = (l.nweights,)
-            if updates:
-                add("bias_updates", l.bias_updates, (n,))
-                if bn:
-                    add("scale_updates", l.scale_updates, (n,))
-                add("weight_updates", l.weight_updates, wshape)
-            else:
-                add("biases", l.biases, (n,))
-                if bn:
-                    add("scales", l.scales, (n,))
-                    add("rolling_mean", l.rolling_mean, (n,))
-                    add("rolling_variance", l.rolling_variance, (n,))
-                add("weights", l.weights, wshape)
-        elif kind == "CONNECTED":
-            if updates:
-                add("bias_updates", l.bias_updates, (l.outputs,))
-                add("weight_updates", l.weight_updates, (l.outputs, l.inputs))
-                if bn:
-                    add("scale_updates", l.scale_updates, (l.outputs,))
-            else:
-                add("biases", l.biases, (l.outputs,))
-                add("weights", l.weights, (l.outputs, l.inputs))
-                if bn:
-                    add("scales", l.scales, (l.outputs,))
-                    add("rolling_mean", l.rolling_mean, (l.outputs,))
-                    add("rolling_variance", l.rolling_variance, (l.outputs,))
-        elif kind == "BATCHNORM" and not updates:
-            add("scales", l.scales, (l.c,))
-            add("rolling_mean", l.rolling_mean, (l.c,))
-            add("rolling_variance", l.rolling_variance, (l.c,))
-        elif kind == "LOCAL":
-            size = l.out_w * l.out_h * l.size * l.size * l.c * l.n
-            if updates:
-                add("bias_updates", l.bias_updates, (l.outputs,))
-                add("weight_updates", l.weight_updates, (size,))
-            else:
-                add("biases", l.biases, (l.outputs,))
-                add("weights", l.weights, (size,))
-        elif kind == "YOLO" and not updates:
-            add("anchors", l.biases, (2 * l.total,))     # l.biases holds the anchors; not in .weights
-        elif kind == "REGION" and not updates:
-            add("anchors", l.biases, (2 * l.n,))
-        return specs
+        """name -> (pointer, shape) for the arrays a layer has, in .weights order: what the section's
+        converter lists (LayerConverter.engine_arrays); none for a type d2c does not convert."""
+        converter = REGISTRY.get(self._type(l).lower())
+        listed = converter.engine_arrays(l, buffers == "updates", self.FLAVOR) if converter else []
+        return {name: (getattr(l, field), shape) for name, field, shape in listed
+                if getattr(l, field) and math.prod(shape) > 0}
 
     def layer_params(self, i: int) -> dict[str, np.ndarray]:
         """Copies of the layer's parameter arrays in .weights order, with Darknet's shapes.
@@ -579,8 +529,8 @@ class DarknetNet:
             kind = self._type(l)
             if l.dontload or l.numload or l.dontloadscales:
                 return None
-            if kind in ("RNN", "GRU", "LSTM", "CRNN"):
-                return None
+            if kind in ("RNN", "GRU", "LSTM", "CRNN") or kind.lower() not in REGISTRY and (l.nweights or l.nbiases):
+                return None   # parameters d2c does not know the layout of (recurrent, deconvolutional, ...)
             total += sum(int(np.prod(shape)) for name, (_, shape) in self._param_specs(l).items()
                          if name != "anchors")
         return total

@@ -11,7 +11,7 @@ converter lacks one of those methods is an error, never a silent guess.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class LayerConverter:
     """Base class. Subclasses set `section` and implement `build` and `emit`; a section with
-    parameters also implements `export` and `darknet_init` (and read_array/write_array when the
-    .weights file stores an array in another layout)."""
+    parameters also implements `export`, `darknet_init` and `engine_arrays` (and read_array/write_array
+    when the .weights file stores an array in another layout)."""
 
     section: ClassVar[str] = ""
     #: keys the section understands beyond COMMON_KEYS; anything else is reported as unknown
@@ -63,6 +63,17 @@ class LayerConverter:
             raise UnsupportedLayerError(f"{node.where}: [{self.section}] has parameters but its converter "
                                         f"defines no Darknet random init; load them from a .weights file")
         return {}
+
+    def engine_arrays(self, l: Any, updates: bool, flavor: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        """What a real Darknet's layer struct `l` holds for this section, as (array name, struct field,
+        shape) in .weights order: the parameters, or with `updates` their accumulators. Read by the
+        engine wrappers (d2c.darknet.runtime) for parity; a null or empty field is skipped there."""
+        return []
+
+    def overwrites_input_delta(self, node: Node, engine: str) -> bool:
+        """True when this node's CPU backward in `engine` (pjreddie or alexeyab) assigns its input's
+        delta instead of adding to it, dropping what later consumers added (emulated in parity)."""
+        return False
 
     def read_array(self, node: Node, spec: ParamArray, stored: np.ndarray, header: WeightsHeader) -> np.ndarray:
         """One array as the .weights file stores it (flat float32) -> its Darknet shape."""

@@ -13,7 +13,7 @@ forward_network segfaults (measured). The tests give Darknet scratch buffers to 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +22,9 @@ from d2c.darknet.cfg import Section
 from d2c.darknet.node import ParamArray
 from d2c.layers.base import LayerConverter, Node, darknet_init_arrays, register
 from d2c.layers.common import lr_scale
-from d2c.layers.convolutional import bn_denominator, caffe_bn_blobs, emit_batchnorm
+from d2c.errors import WeightsError
+from d2c.layers.convolutional import bn_engine_arrays, caffe_bn_blobs, emit_batchnorm, export_bn
+from d2c.numerics import bn_denominator
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
@@ -82,7 +84,22 @@ class Batchnorm(LayerConverter):
         em.blob_of[node.index] = top
 
     def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
-        return model.batchnorm(node)
+        """BatchNorm (deploy `_batchnorm`, train `_bn` or `_dbn`) + Scale; pjreddie has no beta to keep."""
+        arrays = export_bn(model, node, node.in_shape[0], (f"{node.prefix}_batchnorm", f"{node.prefix}_bn"))
+        if arrays is None:
+            raise WeightsError(f"{model.where}: no BatchNorm layer '{node.prefix}_batchnorm' (or '_bn'/'_dbn') "
+                               f"for {node.where}")
+        if not any(p.name == "biases" for p in node.params):
+            beta = arrays.pop("biases")
+            if np.any(beta != 0):
+                model.out.notes.append(f"{node.where}: pjreddie's [batchnorm] stores no beta; the Caffe Scale bias "
+                                       f"(max |beta| {float(np.abs(beta).max()):.3g}) is dropped")
+        return arrays
+
+    def engine_arrays(self, l: Any, updates: bool, flavor: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        """The parameters (pjreddie never updates this layer); AlexeyAB's beta comes first."""
+        c = int(l.c)
+        return [] if updates else [*[("biases", "biases", (c,))] * (flavor == "alexeyab"), *bn_engine_arrays(c)]
 
     def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """make_batchnorm_layer: constants only (no weights, nothing drawn)."""

@@ -12,7 +12,7 @@ A .weights file whose header major or minor exceeds 1000 stores the matrix input
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from d2c.darknet.cfg import Section
 from d2c.darknet.node import ParamArray
 from d2c.layers.base import LayerConverter, Node, darknet_init_arrays, positive, register
 from d2c.layers.common import emit_activation, lr_scale, read_activation
-from d2c.layers.convolutional import emit_batchnorm, fold_batchnorm
+from d2c.layers.convolutional import bn_engine_arrays, emit_batchnorm, export_weighted, fold_batchnorm
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
@@ -79,7 +79,14 @@ class Connected(LayerConverter):
         em.blob_of[node.index] = emit_activation(em, node, shaped, a["activation"])
 
     def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
-        return model.weighted(node, "_fc", "InnerProduct")
+        return export_weighted(model, node, "_fc", "InnerProduct")
+
+    def engine_arrays(self, l: Any, updates: bool, flavor: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        out, inp, bn = int(l.outputs), int(l.inputs), bool(l.batch_normalize)
+        if updates:
+            return [("bias_updates", "bias_updates", (out,)), ("weight_updates", "weight_updates", (out, inp)),
+                    *[("scale_updates", "scale_updates", (out,))] * bn]
+        return [("biases", "biases", (out,)), ("weights", "weights", (out, inp)), *bn_engine_arrays(out) * bn]
 
     def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """make_connected_layer: weights sqrt(2/inputs) * U(-1, 1)."""

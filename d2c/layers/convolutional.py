@@ -8,7 +8,7 @@ AlexeyAB divides by sqrt(var + 1e-5), which is Caffe's own formula with eps = 1e
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,22 +18,13 @@ from d2c.darknet.node import ParamArray
 from d2c.errors import CfgError, UnsupportedLayerError, WeightsError
 from d2c.layers.base import LayerConverter, Node, darknet_init_arrays, positive, register
 from d2c.layers.common import emit_activation, lr_scale, read_activation
+from d2c.numerics import ALEXEYAB_EPS_INSIDE, bn_denominator
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.darknet.graph import GraphBuilder
     from d2c.export import ModelReader
 
-PJREDDIE_EPS_OUTSIDE = 1e-6      # normalize_cpu: sqrt(var) + .000001f
-ALEXEYAB_EPS_INSIDE = 1e-5       # AlexeyAB normalize_cpu: sqrt(var + .00001f)
 CAFFE_TINY_EPS = 1e-12           # accepted by BVLC BatchNorm and OpenCV, negligible next to 1e-6
-
-
-def bn_denominator(variance: np.ndarray, flavor: str) -> np.ndarray:
-    """Darknet's exact BN denominator, in float64."""
-    var = variance.astype(np.float64)
-    if flavor == "pjreddie":
-        return np.sqrt(var) + float(np.float32(PJREDDIE_EPS_OUTSIDE))
-    return np.sqrt(var + float(np.float32(ALEXEYAB_EPS_INSIDE)))
 
 
 def caffe_bn_blobs(mean: np.ndarray, variance: np.ndarray, flavor: str) -> tuple[list[np.ndarray], float]:
@@ -141,13 +132,71 @@ class Convolutional(LayerConverter):
         em.blob_of[node.index] = emit_activation(em, node, name, a["activation"])
 
     def export(self, node: Node, model: ModelReader) -> dict[str, np.ndarray]:
-        return model.weighted(node, "_conv", "Convolution")
+        return export_weighted(model, node, "_conv", "Convolution")
+
+    def engine_arrays(self, l: Any, updates: bool, flavor: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        n, k = int(l.n), int(l.size)
+        wshape = (n, int(l.c) // max(1, int(l.groups)), k, k)
+        wshape = wshape if math.prod(wshape) == l.nweights else (int(l.nweights),)
+        bn = bool(l.batch_normalize)
+        if updates:
+            return [("bias_updates", "bias_updates", (n,)), *[("scale_updates", "scale_updates", (n,))] * bn,
+                    ("weight_updates", "weight_updates", wshape)]
+        return [("biases", "biases", (n,)), *bn_engine_arrays(n) * bn, ("weights", "weights", wshape)]
+
+    def overwrites_input_delta(self, node: Node, engine: str) -> bool:
+        """Its backward writes the input delta through col2im: AlexeyAB's CPU col2im_cpu_ext zeroes
+        the destination first (any kernel); Debian's pjreddie assigns only for 1x1 kernels."""
+        return node.inputs[0] >= 0 and (engine == "alexeyab" or node.attrs["size"] == 1)
 
     def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """make_convolutional_layer: weights sqrt(2/(c/groups*k*k)) * N(0, 1)."""
         def weights(spec: ParamArray) -> np.ndarray:
             return math.sqrt(2.0 / int(np.prod(spec.shape[1:]))) * rng.standard_normal(spec.shape)
         return darknet_init_arrays(node, weights)
+
+
+def bn_engine_arrays(n: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """A BN's gamma and statistics in a Darknet layer struct, in .weights order."""
+    return [(name, name, (n,)) for name in ("scales", "rolling_mean", "rolling_variance")]
+
+
+def export_bn(model: ModelReader, node: Node, n: int, bn_names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The inverse of emit_batchnorm: scales and biases from `_scale`, the rolling statistics from
+    the exact `_dbn` Python layer (raw Darknet values) or the first stock BatchNorm in `bn_names`;
+    None when the model has no BN for the node."""
+    dbn = model.get(f"{node.prefix}_dbn")
+    if dbn is not None:
+        if dbn.type != "Python":
+            raise WeightsError(f"{model.where}: Caffe layer '{dbn.name}' is {dbn.type}, expected the Python "
+                               f"DarknetBatchNorm for {node.where}")
+        stats = model.blob(node, dbn, 0, (n,), "rolling_mean"), model.blob(node, dbn, 1, (n,), "rolling_variance")
+    else:
+        bn = next((model.get(name) for name in bn_names if getattr(model.get(name), "type", "") == "BatchNorm"), None)
+        if bn is None:
+            return None
+        stats = model.bn_statistics(node, bn, n)
+    scale = model.require(node, f"{node.prefix}_scale", ("Scale",), "BN gamma/beta")
+    return {"biases": model.blob(node, scale, 1, (n,), "biases"), "scales": model.blob(node, scale, 0, (n,), "scales"),
+            "rolling_mean": stats[0], "rolling_variance": stats[1]}
+
+
+def export_weighted(model: ModelReader, node: Node, suffix: str, caffe_type: str) -> dict[str, np.ndarray]:
+    """[convolutional] and [connected] back: the main layer's weights (+ bias without BN), then BN
+    (+ Scale); a BN node whose main layer carries a bias was folded by `convert --fold-bn`."""
+    shapes = {p.name: p.shape for p in node.params}
+    n = shapes["biases"][0]
+    main = model.require(node, f"{node.prefix}{suffix}", (caffe_type,), "weights")
+    weights = model.blob(node, main, 0, shapes["weights"], "weights")
+    bn = export_bn(model, node, n, (f"{node.prefix}_bn",)) if node.attrs["bn"] else None
+    if bn is not None:
+        return {**bn, "weights": weights}
+    if node.attrs["bn"]:
+        if len(main.blobs) != 2:
+            raise WeightsError(f"{model.where}: no BatchNorm layer '{node.prefix}_bn' (or '{node.prefix}_dbn') and "
+                               f"no bias in '{main.name}' for {node.where} (batch_normalize=1)")
+        model.out.folded.append(node.index)
+    return {"biases": model.blob(node, main, 1, (n,), "biases"), "weights": weights}
 
 
 def check_variance(node: Node, variance: np.ndarray) -> None:

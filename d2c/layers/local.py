@@ -14,7 +14,7 @@ Export reads the cell InnerProducts back into Darknet's (cells, filters, c, k, k
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -147,6 +147,12 @@ class Local(LayerConverter):
                 weights[j] = model.blob(node, fc, 0, (filters, c * size * size), "cell weights")
                 biases[:, j] = model.blob(node, fc, 1, (filters,), "cell biases")
         return {"biases": biases.reshape(shapes["biases"]), "weights": weights.reshape(shapes["weights"])}
+
+    def engine_arrays(self, l: Any, updates: bool, flavor: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        """Darknet keeps the per-cell weights flat: out_w*out_h*size*size*c*n floats."""
+        size = int(l.out_w * l.out_h * l.size * l.size * l.c * l.n)
+        bias, weight = ("bias_updates", "weight_updates") if updates else ("biases", "weights")
+        return [(bias, bias, (int(l.outputs),)), (weight, weight, (size,))]
 
     def darknet_init(self, node: Node, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """make_local_layer: weights sqrt(2/(k*k*c)) * U(-1, 1), biases 0."""

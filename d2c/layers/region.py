@@ -1,7 +1,7 @@
 """[region] (YOLOv2 head): no Caffe layer in deploy; the raw input blob is a net output."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +59,10 @@ class Region(LayerConverter):
         sec.get_int("max", REGION_MAX_TRUTHS)  # parsed by Darknet but the loops hard-code 30
         return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev], in_shapes=[(c, h, w)],
                     out_shape=(c, h, w), attrs=attrs)
+
+    def engine_arrays(self, l: Any, updates: bool, flavor: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        """The anchors (l.biases; not in .weights)."""
+        return [] if updates else [("anchors", "biases", (2 * int(l.n),))]
 
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
         emit_head(em, node)

@@ -5,7 +5,7 @@ Unequal channel counts (yolov3-tiny-prn) add into the first min(C) channels in b
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,13 @@ class Shortcut(LayerConverter):
         return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev, *sources],
                     in_shapes=[prev_shape, *shapes], out_shape=prev_shape,
                     attrs={"alpha": alpha, "beta": beta, "activation": act, "warnings": warnings})
+
+    def engine_arrays(self, l: Any, updates: bool, flavor: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        """AlexeyAB's weighted shortcut: its nweights per-input (or per-channel) weights."""
+        if flavor != "alexeyab" or l.nweights <= 0:
+            return []
+        name = "weight_updates" if updates else "weights"
+        return [(name, name, (int(l.nweights),))]
 
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
         a = node.attrs

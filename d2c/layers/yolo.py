@@ -5,7 +5,7 @@ training loss layer, both from the attributes recorded here and in the JSON side
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -81,6 +81,10 @@ class Yolo(LayerConverter):
         }
         return Node(index=sec.index, kind=self.section, section=sec, inputs=[prev], in_shapes=[(c, h, w)],
                     out_shape=(c, h, w), attrs=attrs)
+
+    def engine_arrays(self, l: Any, updates: bool, flavor: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        """The anchors (l.biases; not in .weights)."""
+        return [] if updates else [("anchors", "biases", (2 * int(l.total),))]
 
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
         emit_head(em, node)

@@ -44,12 +44,11 @@ import numpy as np
 
 from d2c.errors import ParamError
 from d2c.loss.params import dump_params
+from d2c.numerics import ALEXEYAB_EPS_INSIDE, bn_denominator
 
 F32 = np.float32
 F64 = np.float64
 
-PJREDDIE_EPS = F32(1e-6)        # normalize_cpu: sqrt(var) + .000001f (outside the root)
-ALEXEYAB_EPS = F32(1e-5)        # AlexeyAB normalize_cpu: sqrt(var + .00001f)
 BACKWARD_EPS = F32(1e-5)        # mean_delta/variance_delta/normalize_delta: var + .00001f
 EXACT_SUM_LIMIT = 65536         # m = b*H*W up to which the variance loop is bit-exact
 BLOCK_ELEMENTS = 1 << 16        # elements per (channels x spatial) block: cache-sized pieces
@@ -166,9 +165,9 @@ def normalize(x: np.ndarray, mean: np.ndarray, variance: np.ndarray, flavor: str
     mean_col = np.asarray(mean, F32)[:, None]
     var = np.asarray(variance, F32)[:, None]
     if flavor == "pjreddie":
-        den = np.sqrt(var.astype(F64)) + F64(PJREDDIE_EPS)
-    elif flavor == "alexeyab":
-        den = np.sqrt((var + ALEXEYAB_EPS).astype(F32)).astype(F32)
+        den = bn_denominator(var, flavor)
+    elif flavor == "alexeyab":   # the training forward: sqrtf of a float sum, in float
+        den = np.sqrt((var + F32(ALEXEYAB_EPS_INSIDE)).astype(F32)).astype(F32)
     else:
         raise ParamError(f"normalize: flavor must be one of {FLAVORS}, got {flavor!r}")
     if x.ndim != 4:
@@ -277,13 +276,9 @@ def bn_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, variance: np.nd
 
 def bn_infer_backward(dy: np.ndarray, rolling_variance: np.ndarray, flavor: str = "pjreddie") -> np.ndarray:
     """Gradient of the inference formula (statistics are constants): dy / Darknet's denominator."""
-    var = np.asarray(rolling_variance, F32).astype(F64).reshape(1, -1, 1, 1)
-    if flavor == "pjreddie":
-        den = np.sqrt(var) + F64(PJREDDIE_EPS)
-    elif flavor == "alexeyab":
-        den = np.sqrt(var + F64(ALEXEYAB_EPS))
-    else:
+    if flavor not in FLAVORS:
         raise ParamError(f"bn_infer_backward: flavor must be one of {FLAVORS}, got {flavor!r}")
+    den = bn_denominator(np.asarray(rolling_variance, F32).reshape(1, -1, 1, 1), flavor)
     return (np.asarray(dy, F32).astype(F64) / den).astype(F32)
 
 
