@@ -151,6 +151,8 @@ MODULE_COMMANDS = [
     ("train", "d2c.train", "train a Darknet cfg in Caffe from a Darknet-style dataset"),
     ("export", "d2c.export", "Caffe caffemodel -> Darknet .weights"),
     ("bench", "d2c.bench", "conversion, forward and training speed side by side"),
+    ("verify", "d2c.targets.verify", "run a converted model in a deploy toolchain (OpenVINO, MNN, RKNN, ...) and "
+                                     "compare heads and detections"),
     ("shapes", "d2c.shapes", "write the seeded demo detection dataset (coloured shapes) in Darknet's layout"),
 ]
 

@@ -10,12 +10,14 @@ came from, and one without an exact rewrite is an error, never a silent approxim
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from d2c.caffe.proto import CaffeLayer
-from d2c.errors import D2CError, UnsupportedLayerError
+from d2c.errors import D2CError, EngineError, UnsupportedLayerError
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.caffe.emitter import Emitter
@@ -154,3 +156,29 @@ def apply_target(em: Emitter, graph: Graph, target: Target) -> TargetReport:
     if left:  # a rewrite that does not remove what it claims to fix is a d2c bug
         raise AssertionError(f"after rewriting for {target.name}: {left[0].line()}")
     return report
+
+
+def cache_root() -> Path:
+    """The d2c cache ($D2C_CACHE, else ~/.cache/d2c); toolchain venvs live in its targets/ folder."""
+    return Path(os.environ.get("D2C_CACHE") or Path.home() / ".cache" / "d2c")
+
+
+def venv_dir(target: Target) -> Path:
+    if target.venv is None:
+        raise D2CError(f"target {target.name} has no toolchain venv")
+    return cache_root() / "targets" / target.venv
+
+
+def toolchain_python(target: Target) -> Path:
+    """The Python of the target's toolchain venv; EngineError (exit 3) with the fix when it is absent."""
+    if target.not_runnable:
+        raise EngineError(f"target {target.name}: {target.not_runnable}")
+    python = venv_dir(target) / "bin" / "python"
+    if not (venv_dir(target) / STAMP).is_file() or not python.exists():
+        raise EngineError(f"target {target.name}: its toolchain is not installed in {venv_dir(target)}; "
+                          f"run `make targets` (or `.venv/bin/python tools/setup_targets.py {target.name}`)")
+    return python
+
+
+#: written into a toolchain venv once its pinned requirements are installed (tools/setup_targets.py)
+STAMP = ".d2c-installed.json"

@@ -8,7 +8,7 @@ from d2c.targets.rewrites import is_inplace_output_writer
 @register
 class MNN(Target):
     name = "mnn"
-    summary = "MNN 3.6.1 (`mnnconvert -f CAFFE`, Python interpreter, precision high)"
+    summary = "MNN 3.6.1 (`mnnconvert -f CAFFE`, Python interpreter, precision high, no Winograd)"
     source = ("MNN tools/converter/source/caffe/: one OpConverter per Caffe type (Convolution/Deconvolution, "
               "Pool, Eltwise, BNLL, Crop, Slice, Reshape/Flatten, BatchNorm+Scale, ...)")
     rules = (Rule("in-place output writer",
@@ -17,4 +17,4 @@ class MNN(Target):
                   "outputs-out-of-place"),)
     venv = "mnn-3.6.1"
     requirements = ("mnn==3.6.1",)
-    precision = "f32 (interpreter precision high)"
+    precision = "f32 (interpreter precision high, Winograd off)"
