@@ -174,26 +174,31 @@ def truth_from_file(path: Path, count: int, record_boxes: int, classes: int) -> 
 def emulate_darknet_defects(graph: Graph, conversion) -> list[str]:
     """Make the Caffe train net drop the gradients Debian's Darknet drops; return what was done.
 
-    A 1x1 convolution's CPU backward *assigns* W^T delta to its input's delta (gemm beta 0), so
-    whatever later layers (higher index: their backward ran first) had added there is lost.
-    Caffe sums all consumers; `propagate_down: false` on those later consumers' bottoms
-    reproduces the loss exactly. The region CPU backward (no gradient) is handled by the loss
-    layer's darknet_compat flag.
+    A node whose CPU backward *assigns* its input's delta (the converter's overwrites_input_delta:
+    pjreddie's 1x1 convolution, gemm beta 0) loses whatever later layers (higher index: their
+    backward ran first) had added there. Caffe sums all consumers; `propagate_down: false` on
+    those later consumers' bottoms reproduces the loss exactly. What a converter's backward_note
+    reports (the empty region CPU backward) is already in the train net (the loss layer's
+    darknet_compat flag) and only listed.
     """
+    from d2c.layers import REGISTRY
+
     notes: list[str] = []
     consumers: dict[int, list[int]] = {}
     for node in graph.nodes:
         for src in node.inputs:
             consumers.setdefault(src, []).append(node.index)
     for node in graph.nodes:
-        if node.kind == "convolutional" and node.attrs["size"] == 1 and node.inputs[0] >= 0:
+        converter = REGISTRY[node.kind]
+        if converter.overwrites_input_delta(node, "pjreddie"):
             src = node.inputs[0]
             for j in (j for j in consumers.get(src, []) if j > node.index):
                 if _block_gradient(conversion.net, graph.nodes[j].prefix, conversion.emitter.blob(src)):
-                    notes.append(f"1x1 conv layer {node.index} overwrites the delta of layer {src}: "
+                    notes.append(f"{node.kind} layer {node.index} overwrites the delta of layer {src}: "
                                  f"the gradient from layer {j} ({graph.nodes[j].kind}) is dropped")
-        if node.kind == "region":
-            notes.append(f"region layer {node.index}: Debian's CPU backward passes no gradient")
+        note = converter.backward_note(node, "pjreddie")
+        if note:
+            notes.append(f"{node.kind} layer {node.index}: {note}")
     return notes
 
 
@@ -216,34 +221,35 @@ def _block_gradient(net, prefix: str, source_blob: str) -> bool:
 # Caffe side: arrays back in Darknet's names
 # ---------------------------------------------------------------------------------------------
 
-def caffe_arrays(net, graph: Graph) -> dict[int, dict[str, np.ndarray]]:
-    """Darknet-named parameter arrays of a pycaffe train net (convolutional / connected layers)."""
-    out: dict[int, dict[str, np.ndarray]] = {}
-    params = net.params
-    for node in graph.nodes:
-        if not node.params:
-            continue
-        p = node.prefix
-        kind = "_conv" if node.kind == "convolutional" else "_fc"
-        main = params.get(f"{p}{kind}")
-        if main is None:
-            continue
-        arrays = {"weights": main[0].data.copy()}
-        if len(main) > 1:
-            arrays["biases"] = main[1].data.copy()
-        if f"{p}_scale" in params:
-            arrays["scales"] = params[f"{p}_scale"][0].data.copy()
-            arrays["biases"] = params[f"{p}_scale"][1].data.copy()
-        if f"{p}_dbn" in params:
-            arrays["rolling_mean"] = params[f"{p}_dbn"][0].data.copy()
-            arrays["rolling_variance"] = params[f"{p}_dbn"][1].data.copy()
-        elif f"{p}_bn" in params:
-            bn = params[f"{p}_bn"]
-            factor = float(bn[2].data[0]) or 1.0
-            arrays["rolling_mean"] = bn[0].data / factor
-            arrays["rolling_variance"] = bn[1].data / factor
-        out[node.index] = arrays
-    return out
+def caffe_arrays(net, conversion, updates: dict[str, np.ndarray] | None = None) -> dict[int, dict[str, np.ndarray]]:
+    """Darknet-named arrays of a live pycaffe train net, read back by each converter's export.
+
+    With `updates` (solver slot key "layer/index" -> array), those blobs are read in place of the
+    parameters, so the momentum buffers come back under the names of the arrays they update.
+    """
+    from dataclasses import replace
+
+    from d2c.export import caffe_to_darknet
+
+    layers = []
+    for layer in conversion.net.layers:
+        if layer.name in net.params:
+            blobs = [np.array((updates or {}).get(f"{layer.name}/{k}", blob.data), np.float32)
+                     for k, blob in enumerate(net.params[layer.name])]
+            layer = replace(layer, blobs=blobs)
+        layers.append(layer)
+    return caffe_to_darknet(conversion.graph, layers, where="the parity train net").arrays
+
+
+def write_caffe_arrays(net, conversion, arrays: dict[int, dict[str, np.ndarray]]) -> None:
+    """The inverse: Darknet arrays into the live net's blobs, through each converter's emit."""
+    from d2c.convert import build_conversion
+
+    fresh = build_conversion(conversion.graph, arrays, conversion.header, conversion.options)
+    for layer in fresh.net.layers:
+        if layer.name in net.params and layer.blobs:
+            for blob, value in zip(net.params[layer.name], layer.blobs):
+                blob.data[...] = np.asarray(value, np.float32).reshape(blob.data.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +267,7 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
     from d2c.convert import build_conversion
     from d2c.darknet.runtime import DarknetProcess
     from d2c.forward_check import compare_outputs
+    from d2c.loss.emit import LAYER_CLASS, truth_boxes
     from d2c.solver import DarknetSGD, TrainConfig
 
     start = time.perf_counter()
@@ -272,8 +279,9 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
         engine, engine_reason = choose_engine(cfg, engine)
         graph = _build_copy(cfg_path, cfg, "alexeyab" if engine == "alexeyab" else None)
         heads = graph.heads()
-        if not heads or any(h.kind not in ("yolo", "region") for h in heads):
-            raise D2CError(f"{cfg_path}: parity needs a cfg with [yolo] or [region] heads")
+        if not heads or any(h.kind not in LAYER_CLASS for h in heads):
+            raise D2CError(f"{cfg_path}: parity needs a cfg whose heads all have a training loss "
+                           f"({', '.join(f'[{kind}]' for kind in LAYER_CLASS)})")
         # Weights: given, or seeded random ones written for Darknet (seen = 0 either way).
         if weights_path is None:
             header, arrays = WeightsHeader(), random_weights(graph, seed)
@@ -288,10 +296,11 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
         needed = max(1, steps) * per_step
         chosen = images or [DARKNET_DATA / name for name in DEFAULT_IMAGES]
         x_all = load_images([chosen[k % len(chosen)] for k in range(needed)], graph.net.width, graph.net.height)
-        last = graph.nodes[-1]
-        record_boxes = 30 if last.kind == "region" else 90
-        if engine == "alexeyab":
-            record_boxes = max(h.attrs["max_boxes"] for h in heads)   # its heads' `max` (default 200)
+        # The train net first: its truth blob has Darknet's net->truths for this engine's flavor.
+        train = build_conversion(graph, arrays, header,
+                                 ConvertOptions(flavor=graph.flavor, mode=TRAIN, bn=bn, batch=batch,
+                                                darknet_compat=darknet_compat and engine == "debian"))
+        record_boxes = truth_boxes(train.emitter)
         classes = heads[0].attrs["classes"]
         truth_all = (truth_from_file(truth_file, needed, record_boxes, classes) if truth_file
                      else random_truth(needed, classes, record_boxes, seed + 1))
@@ -313,9 +322,6 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
                               "layers": [{"index": d.index, "type": d.kind, "shape": list(d.shape),
                                           "max_abs": d.max_abs, "max_rel": d.max_rel} for d in fwd.layers]}
             # (2)-(4): training on both sides.
-            train = build_conversion(graph, arrays, header,
-                                     ConvertOptions(flavor=graph.flavor, mode=TRAIN, bn=bn, batch=batch,
-                                                    darknet_compat=darknet_compat))
             if darknet_compat:
                 report.emulated_defects = emulate_darknet_defects(graph, train)
             elif engine == "alexeyab" and darknet_compat_asked:
@@ -350,7 +356,7 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
                 # (4) every array after N steps: Darknet's save_weights against the Caffe blobs.
                 dn.save_weights(tmp / "darknet_after.weights")
                 theirs_all = read_weights(tmp / "darknet_after.weights", graph)[1]
-                ours_all = caffe_arrays(net, graph)
+                ours_all = caffe_arrays(net, train)
                 rows, worst, worst_stats = [], 0.0, 0.0
                 for node in graph.nodes:
                     for name, theirs in theirs_all.get(node.index, {}).items():

@@ -52,7 +52,7 @@ def test_region_head_with_darknet_compat() -> None:
 
 def test_darknet53_one_by_one_overwrite_is_emulated() -> None:
     report = run_parity(CFG / "yolov3.cfg", None, batch=2, steps=0, size=SMALL)
-    assert len([n for n in report.emulated_defects if "1x1 conv" in n]) == 23
+    assert len([n for n in report.emulated_defects if "overwrites the delta" in n]) == 23
     assert report.loss["rel"] <= TOLERANCES["loss_rel"]
 
 

@@ -75,6 +75,11 @@ class LayerConverter:
         delta instead of adding to it, dropping what later consumers added (emulated in parity)."""
         return False
 
+    def backward_note(self, node: Node, engine: str) -> str:
+        """What this node's CPU backward in `engine` (pjreddie or alexeyab) does that Caffe's would
+        not and that d2c's train net already follows (reported by parity); '' when nothing."""
+        return ""
+
     def read_array(self, node: Node, spec: ParamArray, stored: np.ndarray, header: WeightsHeader) -> np.ndarray:
         """One array as the .weights file stores it (flat float32) -> its Darknet shape."""
         return stored.reshape(spec.shape)
