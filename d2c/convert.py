@@ -21,6 +21,7 @@ from d2c.darknet.weights import WeightsHeader, random_weights, read_weights
 from d2c.errors import CfgError, D2CError, ParamError, WeightsError
 from d2c.fsutil import atomic_write_text, staged_outputs
 from d2c.layers import REGISTRY
+from d2c.preprocess import make_contract
 
 SIDECAR_VERSION = 1
 
@@ -73,6 +74,8 @@ def make_sidecar(graph: Graph, em: Emitter, header: WeightsHeader) -> dict[str, 
         "flavor": graph.flavor,
         "input": {"name": "data", "channels": graph.net.channels, "height": graph.net.height,
                   "width": graph.net.width, "letter_box": graph.net.section.get_int("letter_box", 0)},
+        "preprocess": make_contract(graph.net.width, graph.net.height, graph.net.channels, graph.flavor,
+                                    graph.net.section.get_int("letter_box", 0), [h.kind for h in em.heads]),
         "bn": {"mode": "folded" if em.options.fold_bn else
                ("pjreddie sqrt(var)+1e-6" if graph.flavor == "pjreddie" else "alexeyab sqrt(var+1e-5)")},
         "fold_bn": em.options.fold_bn,
