@@ -51,6 +51,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="with --train: a Darknet .data file the train net reads (DarknetDetectionData), "
                                   "so `caffe train` runs as is")
     p.add_argument("--max-iter", type=int, help="with --train: solver max_iter (default: max_batches - seen/B)")
+    p.add_argument("--split-heads", action="store_true",
+                   help="int8-friendly [yolo] heads: each split by stock layers into x/y (after the logistic), "
+                        "w/h and objectness+classes (after the logistic), so each gets its own int8 scale")
     p.set_defaults(func=_run_convert)
 
 
@@ -60,7 +63,7 @@ def _run_convert(args: argparse.Namespace) -> int:
                       continue_on_error=args.continue_on_error, allow_trailing=args.allow_trailing,
                       seed=args.seed, train=args.train, bn=args.bn, batch=args.batch, progress=True,
                       name=args.name, names=args.names, data=args.data,
-                      max_iter=args.max_iter)
+                      max_iter=args.max_iter, split_heads=args.split_heads)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"d2c convert: {args.cfg}" + (f" + {args.weights}" if args.weights else " (random weights, seed "

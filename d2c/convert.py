@@ -108,12 +108,13 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
             allow_trailing: bool = False, seed: int = 0, train: bool = False, bn: str = "exact",
             batch: int | None = None, progress: bool = False, name: str | None = None,
             names: str | Path | None = None, data: str | Path | None = None,
-            max_iter: int | None = None) -> ConvertReport:
+            max_iter: int | None = None, split_heads: bool = False) -> ConvertReport:
     """Convert and write OUT/<stem>.prototxt, .caffemodel, .json (and the train net with `train`).
 
     `names`: a class names file, checked against the class count and recorded in the sidecar so
     `d2c detect` labels boxes with it. `data` (with `train`): the Darknet .data file the train
     net's data layer reads; `max_iter`: the solver's, instead of max_batches minus seen.
+    `split_heads`: int8-friendly [yolo] heads (d2c.int8_heads), three outputs per head.
     """
     start = time.perf_counter()
     if (data is not None or max_iter is not None) and not train:
@@ -132,6 +133,11 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
         conv = build_conversion(graph, arrays, header, options, name=stem, progress=progress)
     except WeightsError as exc:  # values the converters refuse (e.g. negative BN variance)
         raise WeightsError(f"{weights_path or 'random weights'}: {exc}", exc.problems) from None
+    if split_heads:
+        if train:
+            raise D2CError("--split-heads rewrites the deploy net only; convert without --train")
+        from d2c.int8_heads import split_heads as split
+        conv.net, conv.sidecar = split(conv.net, conv.sidecar)
     class_names = None
     if names is not None:
         from d2c.detect import class_names as read_names
@@ -169,7 +175,8 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
     except OSError as exc:
         raise D2CError(f"{out}: cannot write the converted model: "
                        f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}") from None
-    outputs = [h.blob for h in conv.emitter.heads]
+    from d2c.int8_heads import output_blobs
+    outputs = output_blobs(conv.sidecar)
     return ConvertReport(prototxt=files["prototxt"], caffemodel=files["caffemodel"], sidecar=files["sidecar"],
                          layers=len(graph.nodes), caffe_layers=len(conv.net.layers), params=graph.param_count(),
                          outputs=outputs, seconds=time.perf_counter() - start, warnings=conv.warnings,
@@ -177,10 +184,13 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
 
 
 def header_comment(conv: Conversion) -> str:
+    from d2c.int8_heads import output_blobs
     g = conv.graph
+    split = any(h.get("split") for h in conv.sidecar.get("heads") or [])
     lines = [f"# Converted by d2c from {Path(g.cfg.path).name} ({g.flavor} Darknet semantics: {g.flavor_reason}).",
              f"# Outputs: raw inputs of the detection heads, in cfg order: "
-             f"{', '.join(h.blob for h in conv.emitter.heads) or '(none)'}.",
+             f"{', '.join(output_blobs(conv.sidecar)) or '(none)'}"
+             f"{' (int8-friendly split heads: x/y and objectness+classes after the logistic)' if split else ''}.",
              "# Decode with `d2c detect` using the JSON sidecar beside this file."]
     return "\n".join(lines) + "\n"
 
