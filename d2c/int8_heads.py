@@ -10,8 +10,12 @@ logistic: the decoder rebuilds Darknet's activated tensor from the split outputs
 
 Per head of A anchors, C classes and an H x W grid, after the head's input blob B:
     Reshape B -> (1, A, 5+C, H*W); Slice axis 2 at 2, 4 -> B_xy_raw, B_wh, B_oc_raw;
-    Sigmoid B_xy_raw -> B_xy; Sigmoid B_oc_raw -> B_oc        (outputs: B_xy, B_wh, B_oc)
-`new_coords` heads (AlexeyAB; the conv's own logistic already ran) are split without Sigmoid.
+    Sigmoid B_xy_raw -> B_xy; Reshape (identity) B_wh_raw -> B_wh; Sigmoid B_oc_raw -> B_oc
+    (outputs: B_xy, B_wh, B_oc)
+The identity Reshape is there because RKNN-Toolkit2's Caffe loader only makes outputs of layers
+nothing consumes: an unconsumed top of a Slice whose other tops are consumed is dropped.
+`new_coords` heads (AlexeyAB; the conv's own logistic already ran) get identity Reshapes instead
+of Sigmoids.
 [region] heads (softmax across classes) are refused: Darknet's softmax is not a per-value map.
 """
 from __future__ import annotations
@@ -58,17 +62,22 @@ def split_heads(net: CaffeNet, sidecar: dict[str, Any]) -> tuple[CaffeNet, dict[
                            f"not {anchors} anchors x (5 + {head['classes']})")
         names = split_names(blob)
         sigmoid = not bool(head.get("new_coords", 0))
-        raw = {part: (f"{names[part]}_raw" if sigmoid and part != "wh" else names[part]) for part in PARTS}
+        raw = {part: f"{names[part]}_raw" for part in PARTS}
+        dims = {"xy": 2, "wh": 2, "oc": entries - 4}
         layers.append(CaffeLayer(name=f"{blob}_reshape", type="Reshape", bottom=[blob], top=[f"{blob}_grid"],
                                  params={"reshape_param": {"shape": {"dim": [1, anchors, entries,
                                                                              height * width]}}}))
         layers.append(CaffeLayer(name=f"{blob}_slice", type="Slice", bottom=[f"{blob}_grid"],
                                  top=[raw[p] for p in PARTS],
                                  params={"slice_param": {"axis": 2, "slice_point": [2, 4]}}))
-        if sigmoid:
-            for part in ("xy", "oc"):
+        for part in PARTS:
+            if sigmoid and part != "wh":
                 layers.append(CaffeLayer(name=f"{names[part]}_logistic", type="Sigmoid", bottom=[raw[part]],
                                          top=[names[part]]))
+            else:   # an exact identity, so each output is a layer's only top (see the module docstring)
+                layers.append(CaffeLayer(name=f"{names[part]}_out", type="Reshape", bottom=[raw[part]],
+                                         top=[names[part]], params={"reshape_param": {"shape": {
+                                             "dim": [1, anchors, dims[part], height * width]}}}))
         new_heads.append(dict(head, split=dict(names, sigmoid=sigmoid)))
     out_sidecar = copy.deepcopy(sidecar)
     out_sidecar["heads"] = new_heads
