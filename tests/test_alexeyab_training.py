@@ -254,3 +254,18 @@ def test_yolov7_tiny_head_delta_is_at_the_engines_own_float_order_floor() -> Non
     r = run_parity(cfg, None, batch=2, steps=1, size=SIZE, seed=3, net_overrides={"burn_in": "0", "learning_rate": "0.0001"})
     assert r.grad["max_rel"] <= 2.5 * floor["head_delta_rel"], (r.grad["max_rel"], floor)
     assert r.update["max_abs"] <= 2.5 * floor["learned_max_abs"], (r.update["max_abs"], floor)
+
+
+def test_ten_steps_of_yolov7_tiny() -> None:
+    """Measured (seed 3, lr 1e-4, each step from the engine's state): loss rel 5.8e-7, BN statistics
+    3.5e-6 (the issue's targets), head delta rel 6.2e-5 and learned arrays 1.6e-5 for a change of
+    0.02 (floors: the engine's own AVX=1 build differs by 4.0e-5 and 8.6e-6 after one step; the
+    larger learned values come from steps with a leaky sign flip, e.g. layer 86 at step 4)."""
+    r = run_parity(shared_cfg_dir() / "yolov7-tiny.cfg", None, batch=2, steps=10, size=SIZE, seed=3,
+                   net_overrides={"burn_in": "0", "learning_rate": "0.0001"})
+    assert r.loss["rel"] <= LOSS_REL, r.loss["rel"]
+    assert r.update["stats_max_rel"] <= STATS_REL
+    assert r.grad["max_rel"] <= 1.5e-4, r.grad["max_rel"]
+    change = learned_change(r)
+    assert change >= 1e-3
+    assert r.update["max_abs"] <= 2e-3 * change, (r.update["max_abs"], change)
