@@ -214,7 +214,7 @@ def test_outputs_out_of_place_keeps_heads_and_values(tmp_path):
     mnn = conversion(SHARED / "yolov7-tiny.cfg", "mnn", size=64, tmp=tmp_path)
     assert mnn.sidecar["target"]["rewrites"] == {"outputs-out-of-place": 3}
     blobs = [h["blob"] for h in mnn.sidecar["heads"]]
-    assert len(blobs) == 3 and all(b.endswith("_logistic_out") for b in blobs)
+    assert len(blobs) == 3 and all(b.endswith("_logistic") for b in blobs)    # named like their layer
     assert [b[:8] for b in blobs] == [h["blob"][:8] for h in plain.sidecar["heads"]]   # same layers
     assert set(blobs) == net_outputs(mnn.net.layers) and set(blobs) == set(mnn.sidecar["blobs"].values()) & set(blobs)
     assert not any(layer.top == layer.bottom and layer.top[0] in blobs for layer in mnn.net.layers)
