@@ -10,8 +10,9 @@ functions) with far less memory traffic:
 - placement, HSV distortion, clipping and the mirror run on blocks of output rows that stay in the
   CPU cache, writing straight into the caller's array; the mirror is free (the column tables are
   reversed) and the grey canvas around the placed image is one constant computed by the same code;
-- no data-dependent branches or masks (real images make them mispredict): Darknet's hue cases are
-  a table lookup on the channel order, its six hsv_to_rgb sectors a max/min selection.
+- no data-dependent branches or masks (real images make them mispredict), no np.take: Darknet's
+  hue cases are a 4-bit table in one word indexed by the channel order, its six hsv_to_rgb sectors a
+  max/min selection.
 Every rewrite is an exact identity on IEEE float32 values (see the comments at each step).
 """
 from __future__ import annotations
@@ -28,17 +29,19 @@ TINY = np.finfo(F32).tiny          # smallest normal float: max(x, TINY) == x fo
 BYTE_TO_FLOAT = (np.arange(256, dtype=np.float64) / 255.0).astype(F32)   # load_image's byte/255.
 
 # rgb_to_hsv's hue, branch-free. With code = (r>=g) + 2*(g>=b) + 4*(b>=r) and q = (mid - min)/delta,
-# Darknet's h (after its `if (h < 0) h += 6`) is |HUE_BASE[code] + q|: the three numerators g-b, b-r,
+# Darknet's h (after its `if (h < 0) h += 6`) is |base[code] + q|: the three numerators g-b, b-r,
 # r-g are +-(mid - min) exactly, and -(a - q) rounds as -(a + -q). Ties land on a sector boundary
-# where both neighbours give the same value (q is then 0 or exactly 1).
+# where both neighbours give the same value (q is then 0 or exactly 1). base + 6 for codes 0..7
+# (0, 0, 4, 6, 2, 10, 8, 6) is read from one 32-bit word, 4 bits per code (np.take is ~10x slower).
 HUE_BASE = np.array([0, -6, -2, 0, -4, 4, 2, 0], F32)
-# hsv_to_rgb's sectors: channel c takes v, mid (q or t) or p; out = max(p, min(v, mid + ROLE[c, k]))
-# with ROLE = +inf (v), 0 (mid) or -inf (p), since p <= mid <= v. Index k = min(floor(6h), 5).
-_INF = np.inf
-ROLE = np.array([[_INF, 0, -_INF, -_INF, 0, _INF, 0, 0],     # r: v t p / q v p / p v t / p q v / t p v / v p q
-                 [0, _INF, _INF, 0, -_INF, -_INF, 0, 0],     # g
-                 [-_INF, -_INF, 0, _INF, _INF, 0, 0, 0]], F32).reshape(-1)
-CHANNEL_BASE = np.array([0, 8, 16], U8)[:, None, None]
+HUE_WORD = np.uint32(sum(int(v + 6) << (4 * i) for i, v in enumerate(HUE_BASE)))
+# hsv_to_rgb's sectors: channel c takes v, mid (q or t) or p, i.e. out = max(p, min(v, mid + role))
+# with role >= 2**21 (v), 0 (mid) or <= -2**21 (p), since p <= mid <= v <= 1.5. For k = min(floor(6h), 5),
+# role = S_c*(k - C_c)**2 - 2.25*S_c, all exact: |k - C_c| is 1.5 exactly where the channel takes mid
+# (r: C=2.5, S>0: v for k in {0, 5}, p for {2, 3}; g: C=1.5, b: C=3.5, S<0: v for the near sectors).
+ROLE_CENTRE = np.array([2.5, 1.5, 3.5], F32)[:, None, None]
+ROLE_SCALE = np.array([1, -1, -1], F32)[:, None, None] * F32(2 ** 20)
+ROLE_OFFSET = ROLE_SCALE * F32(2.25)
 
 
 M_TRIM_THRESHOLD = -1
@@ -127,11 +130,12 @@ def distort_into(rgb: np.ndarray, out: np.ndarray, hue: F32, sat: F32, val: F32)
     r, g, b = rgb[0], rgb[1], rgb[2]
     hi = np.maximum(r, g)
     lo = np.minimum(r, g)
-    code = np.greater_equal(b, r).view(U8)
+    code = np.greater_equal(b, r).astype(np.uint32)     # the code times 4: the bit offset in HUE_WORD
     code <<= 1
-    code |= np.greater_equal(g, b).view(U8)
+    code |= np.greater_equal(g, b)
     code <<= 1
-    code |= np.greater_equal(r, g).view(U8)
+    code |= np.greater_equal(r, g)
+    code <<= 2
     mx = np.maximum(hi, b)                          # three_way_max / three_way_min: no NaN in images
     mn = np.minimum(lo, b)
     mid = np.minimum(hi, b, out=hi)
@@ -146,7 +150,10 @@ def distort_into(rgb: np.ndarray, out: np.ndarray, hue: F32, sat: F32, val: F32)
     np.subtract(mid, mn, out=mid)
     np.maximum(delta, TINY, out=delta)
     np.divide(mid, delta, out=mid)
-    h = np.take(HUE_BASE, code)
+    np.right_shift(HUE_WORD, code, out=code)
+    code &= np.uint32(15)
+    h = code.astype(F32)
+    h -= F32(6)
     h += mid
     np.abs(h, out=h)
     h /= F32(6)                                     # Darknet: h/6. in double; one float rounding of an
@@ -163,7 +170,7 @@ def distort_into(rgb: np.ndarray, out: np.ndarray, hue: F32, sat: F32, val: F32)
     k = h.astype(U8)
     c = k | U8(1)
     np.minimum(c, U8(6), out=c)
-    m = np.subtract(h, c, out=h)
+    m = np.subtract(h, c.astype(F32), out=h)
     np.abs(m, out=m)
     m *= s
     np.subtract(F32(1), m, out=m)
@@ -174,7 +181,10 @@ def distort_into(rgb: np.ndarray, out: np.ndarray, hue: F32, sat: F32, val: F32)
     np.clip(m, F32(0), F32(1), out=m)               # p <= mid <= v)
     np.clip(s, F32(0), F32(1), out=s)
     np.minimum(k, U8(5), out=k)
-    y = np.take(ROLE, k + CHANNEL_BASE)
+    y = np.subtract(k.astype(F32), ROLE_CENTRE)
+    role = y * ROLE_SCALE
+    y *= role
+    y -= ROLE_OFFSET
     y += m
     np.minimum(y, v, out=y)
     np.maximum(y, s, out=out)
