@@ -24,7 +24,7 @@ import numpy as np
 F32 = np.float32
 U8 = np.uint8
 FILL = F32(0.5)
-BLOCK_ROWS = 48
+BLOCK_ROWS = 64
 TINY = np.finfo(F32).tiny          # smallest normal float: max(x, TINY) == x for every x > 0 met here
 BYTE_TO_FLOAT = (np.arange(256, dtype=np.float64) / 255.0).astype(F32)   # load_image's byte/255.
 
@@ -35,13 +35,11 @@ BYTE_TO_FLOAT = (np.arange(256, dtype=np.float64) / 255.0).astype(F32)   # load_
 # (0, 0, 4, 6, 2, 10, 8, 6) is read from one 32-bit word, 4 bits per code (np.take is ~10x slower).
 HUE_BASE = np.array([0, -6, -2, 0, -4, 4, 2, 0], F32)
 HUE_WORD = np.uint32(sum(int(v + 6) << (4 * i) for i, v in enumerate(HUE_BASE)))
-# hsv_to_rgb's sectors: channel c takes v, mid (q or t) or p, i.e. out = max(p, min(v, mid + role))
-# with role >= 2**21 (v), 0 (mid) or <= -2**21 (p), since p <= mid <= v <= 1.5. For k = min(floor(6h), 5),
-# role = S_c*(k - C_c)**2 - 2.25*S_c, all exact: |k - C_c| is 1.5 exactly where the channel takes mid
-# (r: C=2.5, S>0: v for k in {0, 5}, p for {2, 3}; g: C=1.5, b: C=3.5, S<0: v for the near sectors).
+# hsv_to_rgb's sectors: channel c takes v, mid (q or t) or p. With the three clipped to [0, 1] first
+# (constrain_image commutes with the choice), p <= mid <= v and out = max(p, min(v, mid + w)) for w = 1
+# (v), 0 (mid) or -1 (p). For k = min(floor(6h), 5), |k - centre_c| is exactly 1.5 where channel c
+# takes mid, 2.5 where r takes v and 0.5 where g or b takes v: w = +-(|k - centre_c| - 1.5).
 ROLE_CENTRE = np.array([2.5, 1.5, 3.5], F32)[:, None, None]
-ROLE_SCALE = np.array([1, -1, -1], F32)[:, None, None] * F32(2 ** 20)
-ROLE_OFFSET = ROLE_SCALE * F32(2.25)
 
 
 M_TRIM_THRESHOLD = -1
@@ -130,12 +128,13 @@ def distort_into(rgb: np.ndarray, out: np.ndarray, hue: F32, sat: F32, val: F32)
     r, g, b = rgb[0], rgb[1], rgb[2]
     hi = np.maximum(r, g)
     lo = np.minimum(r, g)
-    code = np.greater_equal(b, r).astype(np.uint32)     # the code times 4: the bit offset in HUE_WORD
-    code <<= 1
-    code |= np.greater_equal(g, b)
-    code <<= 1
-    code |= np.greater_equal(r, g)
-    code <<= 2
+    bits = np.greater_equal(b, r).view(U8)        # bool arrays as bytes: no casts in these steps
+    bits <<= 1
+    bits |= np.greater_equal(g, b).view(U8)
+    bits <<= 1
+    bits |= np.greater_equal(r, g).view(U8)
+    bits <<= 2
+    code = bits.astype(np.uint32)                   # the code times 4: its bit offset in HUE_WORD
     mx = np.maximum(hi, b)                          # three_way_max / three_way_min: no NaN in images
     mn = np.minimum(lo, b)
     mid = np.minimum(hi, b, out=hi)
@@ -182,10 +181,10 @@ def distort_into(rgb: np.ndarray, out: np.ndarray, hue: F32, sat: F32, val: F32)
     np.clip(s, F32(0), F32(1), out=s)
     np.minimum(k, U8(5), out=k)
     y = np.subtract(k.astype(F32), ROLE_CENTRE)
-    role = y * ROLE_SCALE
-    y *= role
-    y -= ROLE_OFFSET
-    y += m
+    np.abs(y, out=y)
+    y -= F32(1.5)
+    np.add(m, y[0], out=y[0])                       # r: v far from its centre
+    np.subtract(m, y[1:], out=y[1:])                # g, b: v near theirs
     np.minimum(y, v, out=y)
     np.maximum(y, s, out=out)
 
@@ -241,38 +240,42 @@ def render(src: SourceImage, out: np.ndarray, nw: int, nh: int, dx: int, dy: int
     padded = src.padded
     for b0 in range(0, y1 - y0, BLOCK_ROWS):
         rows = slice(b0, min(b0 + BLOCK_ROWS, y1 - y0))
+        target = out[:, y0 + rows.start:y0 + rows.stop, ox0:ox1]
         # ((1-dx)*((1-dy)*p00 + dy*p01) + (dx*(1-dy))*p10) + (dx*dy)*p11, in the build's order; the
         # y blend is done on whole source rows before the column gather (same operands, same values).
         # A term with a zero weight adds +0 (pixels are finite and >= 0), a weight of 1 changes nothing.
         if same_y:
-            top = padded[:, int(iy[rows.start]):int(iy[rows.start]) + rows.stop - rows.start, :]
-            blended = top
-        else:
-            gyb, fyb = gy[rows, None], fy[rows, None]
-            top = np.take(padded, iy[rows], axis=1)
-            bottom = np.take(padded, iy1[rows], axis=1)
-        if same_x:
-            block = np.array(top[:, :, cols]) if same_y else None
-        else:
+            first = int(iy[rows.start])
+            top = padded[:, first:first + rows.stop - rows.start, :]
+            if same_x:
+                block = np.array(top[:, :, cols])
+            else:                                   # per channel: np.take would copy the whole view first
+                block = np.empty((3, rows.stop - rows.start, len(ix)), F32)
+                p10 = np.empty_like(block)
+                for c in range(3):
+                    np.take(top[c], ix, axis=1, out=block[c])
+                    np.take(top[c], ix1, axis=1, out=p10[c])
+                block *= gx
+                p10 *= fx                           # dx*(1-dy) with 1-dy == 1; the dx*dy term is +0
+                block += p10
+            distort_into(block, target, hue, sat, val)
+            continue
+        gyb, fyb = gy[rows, None], fy[rows, None]
+        top = np.take(padded, iy[rows], axis=1)
+        bottom = np.take(padded, iy1[rows], axis=1)
+        if not same_x:
             p10 = np.take(top, ix1, axis=2)
-            if same_y:
-                p10 *= fx                           # dx*(1-dy) with 1-dy == 1
-            else:
-                p10 *= fx * gyb
-                p11 = np.take(bottom, ix1, axis=2)
-                p11 *= fx * fyb
-        if not same_y:
-            top *= gyb
-            bottom *= fyb
-            top += bottom
-            blended = top
+            p10 *= fx * gyb
+            p11 = np.take(bottom, ix1, axis=2)
+            p11 *= fx * fyb
+        top *= gyb
+        bottom *= fyb
+        top += bottom
         if same_x:
-            if block is None:
-                block = blended[:, :, cols]
+            block = top[:, :, cols]
         else:
-            block = np.take(blended, ix, axis=2)
+            block = np.take(top, ix, axis=2)
             block *= gx
             block += p10
-            if not same_y:
-                block += p11
-        distort_into(block, out[:, y0 + rows.start:y0 + rows.stop, ox0:ox1], hue, sat, val)
+            block += p11
+        distort_into(block, target, hue, sat, val)
