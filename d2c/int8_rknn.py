@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -271,5 +272,46 @@ def conv_blocks(sidecar: dict[str, Any]) -> list[int]:
     return sorted(int(i) for i, blob in (sidecar.get("blobs") or {}).items() if blob == f"layer{int(i):03d}_conv")
 
 
+_ANALYSIS_ROW = re.compile(r"^\[(\w+)\]\s+(\S+)\s+([-\d.]+)\s*\|\s*([-\d.e+]+)\s+([-\d.]+)\s*\|\s*([-\d.e+]+)")
+
+
+def parse_analysis(path: Path) -> list[dict[str, Any]]:
+    """RKNN accuracy_analysis's error_analysis.txt: per tensor, its op type and the cosine against
+    fp32 with errors accumulated through the network ("entire") and of that layer alone ("single")."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        match = _ANALYSIS_ROW.match(line.strip())
+        if match:
+            kind, name, entire, _, single, _ = match.groups()
+            out.append({"op": kind, "tensor": name, "entire_cos": float(entire), "single_cos": float(single)})
+    if not out:
+        raise EngineError(f"{path}: no per-layer rows in RKNN's accuracy analysis")
+    return out
+
+
+def rank_blocks(analysis: list[dict[str, Any]], blocks: list[int]) -> list[tuple[int, float]]:
+    """Conv blocks, most sensitive first: the lowest single-layer cosine among a block's tensors
+    (layerNNN_*; the conv with its BN and activation, and a head's split outputs)."""
+    ranked = []
+    for block in blocks:
+        cos = [row["single_cos"] for row in analysis if row["tensor"].startswith(f"layer{block:03d}_")]
+        if cos:
+            ranked.append((block, min(cos)))
+    return sorted(ranked, key=lambda item: item[1])
+
+
+def sensitivity(files: ModelFiles, images: list[Path], workdir: Path, probe: Path | None = None,
+                input_kind: str = "uint8") -> tuple[list[dict[str, Any]], list[tuple[int, float]]]:
+    """RKNN's own per-layer analysis of the int8 build calibrated on `images`, run on `probe` (the
+    first image by default); returns its rows and the conv blocks ranked by sensitivity."""
+    dataset = prepare(images, files.sidecar, input_kind, "same")
+    probe_tensor = prepare([probe or images[0]], files.sidecar, input_kind, "inputs").tensors[probe or images[0]]
+    run = run_rknn(files, Build("analysis", input_kind=input_kind, calibration="same"), dataset, [probe_tensor],
+                   workdir, analysis_input=probe_tensor)
+    assert run.analysis is not None
+    rows_ = parse_analysis(run.analysis)
+    return rows_, rank_blocks(rows_, conv_blocks(files.sidecar))
+
+
 __all__ = ["Agreement", "Build", "Reference", "conv_blocks", "detect_outputs", "measure", "network_input",
-           "references", "rknn_python", "run_rknn", "rows"]
+           "parse_analysis", "rank_blocks", "references", "rknn_python", "run_rknn", "rows", "sensitivity"]
