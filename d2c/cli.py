@@ -144,6 +144,8 @@ MODULE_COMMANDS = [
     ("export", "d2c.export", "Caffe caffemodel -> Darknet .weights"),
     ("bench", "d2c.bench", "conversion, forward and training speed side by side"),
     ("shapes", "d2c.shapes", "write the seeded demo detection dataset (coloured shapes) in Darknet's layout"),
+    ("quantize", "d2c.quantize", "int8 on an NPU toolchain (RKNN) calibrated from the Darknet dataset, with "
+                                 "per-layer analysis and an automatic fp16 fallback until it agrees with Darknet"),
 ]
 
 

@@ -84,7 +84,7 @@ class RunResult:
 
 
 def run_rknn(files: ModelFiles, build: Build, dataset: PreparedSet | None, inputs: list[Path], workdir: Path,
-             analysis_input: Path | None = None, timeout: float = 1800) -> RunResult:
+             analysis_input: Path | None = None, timeout: float = 1800, export: Path | None = None) -> RunResult:
     """Build with RKNN-Toolkit2 in its venv and run the simulator on `inputs` (.npy NCHW tensors)."""
     workdir.mkdir(parents=True, exist_ok=True)
     job = {"prototxt": str(files.prototxt.resolve()), "caffemodel": str(files.caffemodel.resolve()),
@@ -93,7 +93,7 @@ def run_rknn(files: ModelFiles, build: Build, dataset: PreparedSet | None, input
            "fp16": [f"layer{i:03d}_" for i in build.fp16_blocks] if build.fp16_blocks is not None else None,
            "proposal": build.proposal, "inputs": [str(p) for p in inputs],
            "outputs": str(workdir / "outputs.npz"), "analysis": str(analysis_input) if analysis_input else None,
-           "workdir": str(workdir)}
+           "workdir": str(workdir), "export": str(Path(export).resolve()) if export else None}
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps(job))
     start = time.perf_counter()
@@ -233,15 +233,19 @@ def references(files: ModelFiles, images: list[Path], input_kind: str, thresh: f
 
 
 def measure(files: ModelFiles, build: Build, images: list[Path], workdir: Path,
-            refs: list[Reference] | None = None, thresh: float = 0.25) -> tuple[Agreement, list[str], float]:
-    """Score `build` on `images` (calibrated on the same images, leave-one-out, or not at all).
+            refs: list[Reference] | None = None, thresh: float = 0.25, calibration: list[Path] | None = None,
+            export: Path | None = None) -> tuple[Agreement, list[str], float]:
+    """Score `build` on `images`: calibrated on `calibration` when given (one build, `export`ed to
+    a .rknn file if asked), else as build.calibration says (the same images, leave-one-out, none).
     Returns the agreement, the float16 tensors RKNN used, and the seconds spent in RKNN."""
     refs = refs or references(files, images, build.input_kind, thresh)
     inputs = prepare(images, files.sidecar, build.input_kind, "inputs").tensors
     agreement = Agreement()
     fp16: list[str] = []
     seconds = 0.0
-    if build.calibration == "loo":
+    if calibration is not None:
+        groups = [(images, prepare(calibration, files.sidecar, build.input_kind, "calibration"))]
+    elif build.calibration == "loo":
         groups = [([image], prepare(leave_one_out(images, image), files.sidecar, build.input_kind, "loo"))
                   for image in images]
     else:
@@ -251,7 +255,8 @@ def measure(files: ModelFiles, build: Build, images: list[Path], workdir: Path,
     for k, (scored, dataset) in enumerate(groups):
         if build.quantize and dataset is None:
             raise D2CError(f"build '{build.label}': int8 needs calibration images")
-        run = run_rknn(files, build, dataset, [inputs[p] for p in scored], workdir / f"build{k}")
+        run = run_rknn(files, build, dataset, [inputs[p] for p in scored], workdir / f"build{k}",
+                       export=export if len(groups) == 1 else None)
         seconds += run.seconds
         fp16 = run.fp16_tensors
         results.update(zip(scored, run.outputs, strict=True))
