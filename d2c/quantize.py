@@ -116,6 +116,12 @@ def _plot(path: Path, analysis: list[dict[str, Any]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from d2c.calibration import calibration_images
+    from d2c.detect import load_model_files
+    if args.max_fp16 < 0:
+        raise D2CError(f"--max-fp16 {args.max_fp16}: must be >= 0")
+    if not 0 <= args.thresh <= 1:
+        raise D2CError(f"--thresh {args.thresh}: must be between 0 and 1")
+    load_model_files(args.model)
     calib = calibration_images(args.data, args.images)
     evaluate = _eval_images(args, calib)
     print(f"d2c quantize: {args.model} on {args.target}: {len(calib)} calibration image(s), "
