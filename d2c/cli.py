@@ -51,6 +51,10 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="with --train: a Darknet .data file the train net reads (DarknetDetectionData), "
                                   "so `caffe train` runs as is")
     p.add_argument("--max-iter", type=int, help="with --train: solver max_iter (default: max_batches - seen/B)")
+    from d2c.targets import REGISTRY as TARGETS
+    p.add_argument("--target", default="caffe", choices=sorted(TARGETS),
+                   help="deploy toolchain the model must load in: lints d2c's net against its importer and "
+                        "applies exact rewrites for what it lacks (default: caffe, the plain stock output)")
     p.add_argument("--split-heads", action="store_true",
                    help="int8-friendly [yolo] heads: each split by stock layers into x/y (after the logistic), "
                         "w/h and objectness+classes (after the logistic), so each gets its own int8 scale")
@@ -63,7 +67,7 @@ def _run_convert(args: argparse.Namespace) -> int:
                       continue_on_error=args.continue_on_error, allow_trailing=args.allow_trailing,
                       seed=args.seed, train=args.train, bn=args.bn, batch=args.batch, progress=True,
                       name=args.name, names=args.names, data=args.data,
-                      max_iter=args.max_iter, split_heads=args.split_heads)
+                      max_iter=args.max_iter, target=args.target, split_heads=args.split_heads)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"d2c convert: {args.cfg}" + (f" + {args.weights}" if args.weights else " (random weights, seed "
@@ -74,6 +78,13 @@ def _run_convert(args: argparse.Namespace) -> int:
         print(f"  outputs           : {', '.join(rep.outputs)}")
     else:
         print("  outputs           : no detection head (a classifier): Caffe's output is the last layer's blob")
+    if args.target != "caffe":
+        print(f"  target            : {args.target}")
+        for finding in rep.target["lint"]:
+            print(f"    lint: {finding['where']}: {finding['layer']} ({finding['type']}): {finding['reason']} "
+                  f"-> {finding['rewrite']}")
+        for rewrite, count in rep.target["rewrites"].items():
+            print(f"    rewrote: {rewrite} x{count}")
     for path in (rep.prototxt, rep.caffemodel, rep.sidecar, *rep.extra):
         print(f"  wrote             : {path}")
     print(f"  time              : {rep.seconds:.2f} s")
@@ -143,6 +154,8 @@ MODULE_COMMANDS = [
     ("train", "d2c.train", "train a Darknet cfg in Caffe from a Darknet-style dataset"),
     ("export", "d2c.export", "Caffe caffemodel -> Darknet .weights"),
     ("bench", "d2c.bench", "conversion, forward and training speed side by side"),
+    ("verify", "d2c.targets.verify", "run a converted model in a deploy toolchain (OpenVINO, MNN, RKNN, ...) and "
+                                     "compare heads and detections"),
     ("shapes", "d2c.shapes", "write the seeded demo detection dataset (coloured shapes) in Darknet's layout"),
     ("quantize", "d2c.quantize", "int8 on an NPU toolchain (RKNN) calibrated from the Darknet dataset, with "
                                  "per-layer analysis and an automatic fp16 fallback until it agrees with Darknet"),

@@ -38,6 +38,11 @@ class Conversion:
     sidecar: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def target(self) -> dict[str, Any]:
+        """What --target linted and rewrote (sidecar["target"]); the plain net has none."""
+        return self.sidecar.get("target") or {"name": "caffe", "rewrites": {}, "lint": []}
+
 
 def load_graph(cfg_path: str | Path, flavor: str | None = None, *, continue_on_error: bool = False) -> Graph:
     """Parse and shape the cfg (all problems reported together)."""
@@ -57,11 +62,21 @@ def build_conversion(graph: Graph, weights: dict[int, dict[str, np.ndarray]], he
     warnings = list(graph.warnings)
     for node in nodes:
         warnings.extend(node.attrs.pop("warnings", []) or [])
+        first = len(em.layers)
         REGISTRY[node.kind].emit(node, em, weights.get(node.index, {}))
+        em.origin.update((layer.name, node.index) for layer in em.layers[first:])
     if options.mode == TRAIN:
         from d2c.loss.emit import add_truth_input
         add_truth_input(em, graph)
+    target_report = None
+    if options.target != "caffe":
+        from d2c.targets import apply_target, get_target
+        if options.mode == TRAIN:
+            raise D2CError(f"--target {options.target} rewrites the deploy net; it does not apply to --train")
+        target_report = apply_target(em, graph, get_target(options.target))
     sidecar = make_sidecar(graph, em, header)
+    if target_report is not None:
+        sidecar["target"] = target_report.to_json()
     return Conversion(graph=graph, header=header, net=em.net(), emitter=em, options=options,
                       sidecar=sidecar, warnings=warnings)
 
@@ -101,6 +116,7 @@ class ConvertReport:
     flavor: str
     flavor_reason: str
     extra: list[Path] = field(default_factory=list)
+    target: dict[str, Any] = field(default_factory=dict)
 
 
 def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str | Path, *,
@@ -108,14 +124,19 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
             allow_trailing: bool = False, seed: int = 0, train: bool = False, bn: str = "exact",
             batch: int | None = None, progress: bool = False, name: str | None = None,
             names: str | Path | None = None, data: str | Path | None = None,
-            max_iter: int | None = None, split_heads: bool = False) -> ConvertReport:
+            max_iter: int | None = None, target: str = "caffe",
+            split_heads: bool = False) -> ConvertReport:
     """Convert and write OUT/<stem>.prototxt, .caffemodel, .json (and the train net with `train`).
 
     `names`: a class names file, checked against the class count and recorded in the sidecar so
     `d2c detect` labels boxes with it. `data` (with `train`): the Darknet .data file the train
-    net's data layer reads; `max_iter`: the solver's, instead of max_batches minus seen.
+    net's data layer reads; `max_iter`: the solver's, instead of max_batches minus seen. `target`: a
+    deploy toolchain (d2c.targets) whose importer the deploy net must satisfy: its lint runs first, exact
+    rewrites replace what it lacks, a layer with no exact form is an error naming its cfg line.
     `split_heads`: int8-friendly [yolo] heads (d2c.int8_heads), three outputs per head.
     """
+    from d2c.targets import get_target
+    get_target(target)
     start = time.perf_counter()
     if (data is not None or max_iter is not None) and not train:
         raise D2CError("--data and --max-iter describe the training net: add --train")
@@ -128,7 +149,7 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
     if stem in ("", ".", "..") or Path(stem).name != stem:
         raise D2CError(f"output name {stem!r} must be a plain file stem (no '/')")
     out = Path(out_dir)
-    options = ConvertOptions(flavor=graph.flavor, fold_bn=fold_bn, mode=DEPLOY, batch=1)
+    options = ConvertOptions(flavor=graph.flavor, fold_bn=fold_bn, mode=DEPLOY, batch=1, target=target)
     try:
         conv = build_conversion(graph, arrays, header, options, name=stem, progress=progress)
     except WeightsError as exc:  # values the converters refuse (e.g. negative BN variance)
@@ -180,7 +201,8 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
     return ConvertReport(prototxt=files["prototxt"], caffemodel=files["caffemodel"], sidecar=files["sidecar"],
                          layers=len(graph.nodes), caffe_layers=len(conv.net.layers), params=graph.param_count(),
                          outputs=outputs, seconds=time.perf_counter() - start, warnings=conv.warnings,
-                         flavor=graph.flavor, flavor_reason=graph.flavor_reason, extra=extra)
+                         flavor=graph.flavor, flavor_reason=graph.flavor_reason, extra=extra,
+                         target=conv.target)
 
 
 def header_comment(conv: Conversion) -> str:

@@ -129,7 +129,7 @@ MISTAKES: dict[str, tuple[str, list[str]]] = {
     "detect: --json and --jsonl": ("detect {model-good} {dog.jpg} --json --jsonl", ["not allowed with"]),
     "detect: unknown engine": ("detect {model-good} {dog.jpg} --engine tensorrt", ["invalid choice"]),
     # --- parity
-    "parity: cfg without heads": ("parity {classifier.cfg}", ["[yolo] or [region]"]),
+    "parity: cfg without heads": ("parity {classifier.cfg}", ["heads all have a training loss"]),
     "parity: bad --set": ("parity {good.cfg} --set burn_in", ["--set", "KEY=VALUE"]),
     "parity: --batch 0": ("parity {good.cfg} --batch 0", ["must be >= 1"]),
     "parity: --json under a file": ("parity {good.cfg} --json {dog.jpg}/r.json", ["is a file"]),

@@ -26,6 +26,7 @@ class ConvertOptions:
     bn: str = "exact"            # train mode BN: exact (Darknet BN Python layer), stock (Caffe BatchNorm), frozen
     batch: int = 1
     darknet_compat: bool = False  # train mode: emulate Debian Darknet's CPU gradient defects
+    target: str = "caffe"        # deploy toolchain the net is rewritten for (d2c.targets)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Emitter:
     blob_of: dict[int, str] = field(default_factory=lambda: {-1: "data"})   # -1: the network input
     heads: list[Head] = field(default_factory=list)
     extra_inputs: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)  # e.g. ("truth", (b, 450))
+    origin: dict[str, int] = field(default_factory=dict)   # Caffe layer name -> Darknet layer index
     _names: set[str] = field(default_factory=set)
 
     @property

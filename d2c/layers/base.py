@@ -75,6 +75,18 @@ class LayerConverter:
         delta instead of adding to it, dropping what later consumers added (emulated in parity)."""
         return False
 
+    def backward_note(self, node: Node, engine: str) -> str:
+        """What this node's CPU backward in `engine` (pjreddie or alexeyab) does that Caffe's would
+        not and that d2c's train net already follows (reported by parity); '' when nothing."""
+        return ""
+
+    def routing_flips(self, node: Node, theirs: np.ndarray, ours: np.ndarray) -> int | None:
+        """For a node whose backward routes the gradient by a discrete choice made in the forward
+        (max pooling's argmax): how many choices differ between two engines' inputs `theirs` and
+        `ours` (b, c, h, w). A near tie flipped by a float-order difference sends a gradient to
+        another input: amplification, not a formula error. None: the node makes no such choice."""
+        return None
+
     def read_array(self, node: Node, spec: ParamArray, stored: np.ndarray, header: WeightsHeader) -> np.ndarray:
         """One array as the .weights file stores it (flat float32) -> its Darknet shape."""
         return stored.reshape(spec.shape)

@@ -64,5 +64,9 @@ class Region(LayerConverter):
         """The anchors (l.biases; not in .weights)."""
         return [] if updates else [("anchors", "biases", (2 * int(l.n),))]
 
+    def backward_note(self, node: Node, engine: str) -> str:
+        """Debian's backward_region_layer is empty on the CPU (its loss layer's darknet_compat flag)."""
+        return "Debian's CPU backward passes no gradient" if engine == "pjreddie" else ""
+
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
         emit_head(em, node)
