@@ -145,6 +145,17 @@ MISTAKES: dict[str, tuple[str, list[str]]] = {
     "bench: missing cfg": ("bench {dir}/nope.cfg", ["no such cfg file"]),
     "bench: --json a directory": ("bench {good.cfg} --json {folder}", ["--json", "is a directory"]),
     "unknown command": ("detekt {model-good} {dog.jpg}", ["invalid choice", "detect"]),
+    # --- int8: split heads and quantize (all refused before any toolchain runs)
+    "convert: --split-heads on YOLOv1": ("convert {yolov1.cfg} --split-heads -o {dir}/o",
+                                         ["only [yolo] heads can be split", "[detection]"]),
+    "convert: --split-heads --train": ("convert {good.cfg} --split-heads --train -o {dir}/o",
+                                       ["--split-heads", "without --train"]),
+    "quantize: missing model": ("quantize {dir}/nope --data {folder}", ["no such model directory"]),
+    "quantize: missing .data": ("quantize {model-good} --data {dir}/nope.data", ["nope.data", "no such .data file"]),
+    "quantize: folder without images": ("quantize {model-good} --data {empty-folder}", ["no images"]),
+    "quantize: list names a missing image": ("quantize {model-good} --data {list.txt}", ["list.txt:2", "nope.jpg"]),
+    "quantize: --max-fp16 -1": ("quantize {model-good} --data {dog.jpg} --max-fp16 -1", ["--max-fp16 -1"]),
+    "quantize: no --data": ("quantize {model-good}", ["required", "--data"]),
 }
 
 
