@@ -229,8 +229,10 @@ def caffe_arrays(net, conversion, updates: dict[str, np.ndarray] | None = None) 
     layers = []
     for layer in conversion.net.layers:
         if layer.name in net.params:
-            blobs = [np.array((updates or {}).get(f"{layer.name}/{k}", blob.data), np.float32)
-                     for k, blob in enumerate(net.params[layer.name])]
+            # a blob without a solver slot (lr_mult 0: statistics, AlexeyAB's frozen CPU BN betas)
+            # has no accumulator: zero, as the engine's never-filled *_updates
+            blobs = [np.array(blob.data if updates is None else updates.get(f"{layer.name}/{k}", 0 * blob.data),
+                              np.float32) for k, blob in enumerate(net.params[layer.name])]
             layer = replace(layer, blobs=blobs)
         layers.append(layer)
     return caffe_to_darknet(conversion.graph, layers, where="the parity train net").arrays
@@ -357,6 +359,9 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
                     r_inputs = 0.0
                     before = step.pop("darknet_arrays")
                     resync(net, train, sgd, before, step.pop("darknet_updates"))
+                    if engine == "alexeyab" and darknet_compat_asked:
+                        from d2c.alexeyab_cpu import resync_kept_deltas
+                        resync_kept_deltas(dn, net, batch)
             report.loss = {"darknet": losses[0]["darknet"], "caffe": losses[0]["caffe"],
                            "rel": max(entry["rel"] for entry in losses), "minibatches": losses}
             report.checks.insert(1, worst(loss_checks, "loss"))
