@@ -5,8 +5,9 @@ flip_image follow Darknet's C step by step and stay the readable specification; 
 numpy passes they make the loader ~3x slower per core than Darknet's own. `render` computes the very
 same float32 values (tests/test_augment.py checks it against libdarknet and against the reference
 functions) with far less memory traffic:
-- the source is decoded once into a padded planar buffer (the extra zero row and column are
-  get_pixel_extend's "outside"), bytes -> float through a 256-entry table (byte/255. rounded once);
+- the source is decoded once into padded planes of bytes (the extra zero row and column are
+  get_pixel_extend's "outside"), turned into floats a few rows at a time through a 256-entry
+  table (byte/255. rounded once), where they are used;
 - placement, HSV distortion, clipping and the mirror run on blocks of output rows that stay in the
   CPU cache, writing straight into the caller's array; the mirror is free (the column tables are
   reversed) and the grey canvas around the placed image is one constant computed by the same code;
@@ -81,7 +82,9 @@ def keep_freed_memory() -> bool:
 
 @dataclass(frozen=True)
 class SourceImage:
-    """A decoded image as place_image reads it: (3, h+1, w+1) float32 RGB, last row and column 0."""
+    """A decoded image as place_image reads it: (3, h+1, w+1) RGB, last row and column 0 (the
+    outside that get_pixel_extend reads). Bytes (a decoded file: converted to byte/255. floats
+    a few rows at a time, where they are used) or float32 (any float image)."""
 
     padded: np.ndarray
 
@@ -97,13 +100,19 @@ class SourceImage:
     def nbytes(self) -> int:
         return self.padded.nbytes
 
-    def planar(self) -> np.ndarray:
-        """The (3, h, w) image (a view)."""
-        return self.padded[:, :-1, :-1]
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows lo..hi-1 as float32 (3, hi-lo, w+1): a view of a float source, a fresh array otherwise."""
+        if self.padded.dtype == F32:
+            return self.padded[:, lo:hi, :]
+        import cv2
+        out = np.empty((3, hi - lo, self.padded.shape[2]), F32)
+        for c in range(3):
+            cv2.LUT(self.padded[c, lo:hi], BYTE_TO_FLOAT, dst=out[c])
+        return out
 
 
-def _padded(h: int, w: int) -> np.ndarray:
-    padded = np.empty((3, h + 1, w + 1), F32)
+def _padded(h: int, w: int, dtype: type) -> np.ndarray:
+    padded = np.empty((3, h + 1, w + 1), dtype)
     padded[:, h, :] = 0
     padded[:, :h, w] = 0
     return padded
@@ -112,18 +121,19 @@ def _padded(h: int, w: int) -> np.ndarray:
 def source_from_planar(image: np.ndarray) -> SourceImage:
     """A (3, h, w) float image as a SourceImage (one copy)."""
     _, h, w = image.shape
-    padded = _padded(h, w)
+    padded = _padded(h, w, F32)
     padded[:, :h, :w] = image
     return SourceImage(padded)
 
 
 def source_from_bgr(bgr: np.ndarray) -> SourceImage:
-    """An (h, w, 3) uint8 BGR decode as a SourceImage, RGB and byte/255. like Darknet's loader."""
+    """An (h, w, 3) uint8 BGR decode as a SourceImage: RGB planes of bytes (4x smaller than floats
+    in a worker's cache; converted to Darknet's byte/255. as they are used)."""
     import cv2
     h, w = bgr.shape[:2]
-    padded = _padded(h, w)
+    padded = _padded(h, w, U8)
     for c, plane in enumerate(reversed(cv2.split(bgr))):
-        cv2.LUT(plane, BYTE_TO_FLOAT, dst=padded[c, :h, :w])
+        padded[c, :h, :w] = plane
     return SourceImage(padded)
 
 
@@ -252,7 +262,7 @@ def render(src: SourceImage, out: np.ndarray, nw: int, nh: int, dx: int, dy: int
         # A term with a zero weight adds +0 (pixels are finite and >= 0), a weight of 1 changes nothing.
         if same_y:
             first = int(iy[rows.start])
-            top = padded[:, first:first + rows.stop - rows.start, :]
+            top = src.rows(first, first + rows.stop - rows.start)
             if same_x:
                 block = np.array(top[:, :, cols])
             else:                                   # per channel: np.take would copy the whole view first
@@ -267,8 +277,14 @@ def render(src: SourceImage, out: np.ndarray, nw: int, nh: int, dx: int, dy: int
             distort_into(block, target, hue, sat, val)
             continue
         gyb, fyb = gy[rows, None], fy[rows, None]
-        top = np.take(padded, iy[rows], axis=1)
-        bottom = np.take(padded, iy1[rows], axis=1)
+        if padded.dtype == F32:
+            top = np.take(padded, iy[rows], axis=1)
+            bottom = np.take(padded, iy1[rows], axis=1)
+        else:                                       # convert the rows this block spans once
+            lo = int(iy[rows.start])
+            span = src.rows(lo, int(iy1[rows.stop - 1]) + 1)
+            top = np.take(span, iy[rows] - lo, axis=1)
+            bottom = np.take(span, iy1[rows] - lo, axis=1)
         if not same_x:
             p10 = np.take(top, ix1, axis=2)
             p10 *= fx * gyb
