@@ -2,7 +2,7 @@
 
 Why a second implementation: d2c.augment's place_image, rgb_to_hsv, hsv_to_rgb, distort_image and
 flip_image follow Darknet's C step by step and stay the readable specification; run as whole-image
-numpy passes they make the loader ~3x slower per core than Darknet's own. `render` computes the very
+numpy passes they make the loader 3-4x slower per core than Darknet's own. `render` computes the very
 same float32 values (tests/test_augment.py checks it against libdarknet and against the reference
 functions) with far less memory traffic:
 - the source is decoded once into padded planes of bytes (the extra zero row and column are
@@ -66,7 +66,7 @@ def keep_freed_memory() -> bool:
     """Ask glibc to keep freed large blocks for reuse (a loader process's own setting).
 
     Why: every image allocates a few MB-sized arrays; above glibc's default 128 kB threshold each
-    is a fresh mmap whose pages fault in one by one (~1 ms per image), and is unmapped on free.
+    is a fresh mmap whose pages fault in one by one, and is unmapped again on free.
     Served from the heap and not trimmed, the same pages are reused. False where not glibc.
     """
     import ctypes
