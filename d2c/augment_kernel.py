@@ -2,17 +2,18 @@
 
 Why a second implementation: d2c.augment's place_image, rgb_to_hsv, hsv_to_rgb, distort_image and
 flip_image follow Darknet's C step by step and stay the readable specification; run as whole-image
-numpy passes they make the loader ~3x slower per core than Darknet's own. `render` computes the very
+numpy passes they make the loader 3-4x slower per core than Darknet's own. `render` computes the very
 same float32 values (tests/test_augment.py checks it against libdarknet and against the reference
 functions) with far less memory traffic:
-- the source is decoded once into a padded planar buffer (the extra zero row and column are
-  get_pixel_extend's "outside"), bytes -> float through a 256-entry table (byte/255. rounded once);
+- the source is decoded once into padded planes of bytes (the extra zero row and column are
+  get_pixel_extend's "outside"), turned into floats a few rows at a time through a 256-entry
+  table (byte/255. rounded once), where they are used;
 - placement, HSV distortion, clipping and the mirror run on blocks of output rows that stay in the
   CPU cache, writing straight into the caller's array; the mirror is free (the column tables are
   reversed) and the grey canvas around the placed image is one constant computed by the same code;
 - no data-dependent branches or masks (real images make them mispredict), no np.take: Darknet's
-  hue cases are a 4-bit table in one word indexed by the channel order, its six hsv_to_rgb sectors a
-  max/min selection.
+  hue cases are a byte table (cv2.LUT) on the channel order, its six hsv_to_rgb sectors a max/min
+  selection.
 Every rewrite is an exact identity on IEEE float32 values (see the comments at each step).
 """
 from __future__ import annotations
@@ -29,17 +30,31 @@ TINY = np.finfo(F32).tiny          # smallest normal float: max(x, TINY) == x fo
 BYTE_TO_FLOAT = (np.arange(256, dtype=np.float64) / 255.0).astype(F32)   # load_image's byte/255.
 
 # rgb_to_hsv's hue, branch-free. With code = (r>=g) + 2*(g>=b) + 4*(b>=r) and q = (mid - min)/delta,
-# Darknet's h (after its `if (h < 0) h += 6`) is |base[code] + q|: the three numerators g-b, b-r,
+# Darknet's h (after its `if (h < 0) h += 6`) is |HUE_BASE[code] + q|: the three numerators g-b, b-r,
 # r-g are +-(mid - min) exactly, and -(a - q) rounds as -(a + -q). Ties land on a sector boundary
-# where both neighbours give the same value (q is then 0 or exactly 1). base + 6 for codes 0..7
-# (0, 0, 4, 6, 2, 10, 8, 6) is read from one 32-bit word, 4 bits per code (np.take is ~10x slower).
+# where both neighbours give the same value (q is then 0 or exactly 1).
 HUE_BASE = np.array([0, -6, -2, 0, -4, 4, 2, 0], F32)
-HUE_WORD = np.uint32(sum(int(v + 6) << (4 * i) for i, v in enumerate(HUE_BASE)))
 # hsv_to_rgb's sectors: channel c takes v, mid (q or t) or p. With the three clipped to [0, 1] first
 # (constrain_image commutes with the choice), p <= mid <= v and out = max(p, min(v, mid + w)) for w = 1
-# (v), 0 (mid) or -1 (p). For k = min(floor(6h), 5), |k - centre_c| is exactly 1.5 where channel c
-# takes mid, 2.5 where r takes v and 0.5 where g or b takes v: w = +-(|k - centre_c| - 1.5).
-ROLE_CENTRE = np.array([2.5, 1.5, 3.5], F32)[:, None, None]
+# (v), 0 (mid) or -1 (p); index k = floor(6h) in 0..6, where 6 is Darknet's `else` (sector 5).
+ROLE = np.array([[1, 0, -1, -1, 0, 1, 1],        # r: v t p / q v p / p v t / p q v / t p v / v p q
+                 [0, 1, 1, 0, -1, -1, -1],       # g
+                 [-1, -1, 0, 1, 1, 0, 0]], F32)  # b
+# The mid value uses f = h - k for an odd index (and 6) and 1 - f for an even one: both are |h - c|
+# exactly for c the odd one of k, k+1 (6 for k = 6).
+MID_CENTRE = np.array([1, 1, 3, 3, 5, 5, 6], F32)
+
+
+def _table(values: np.ndarray) -> np.ndarray:
+    """A 256-entry float32 table for cv2.LUT (byte -> float, ~3x faster than np.take or 5 passes)."""
+    table = np.zeros(256, F32)
+    table[:len(values)] = values
+    return table
+
+
+HUE_TABLE = _table(HUE_BASE)
+ROLE_TABLES = [_table(row) for row in ROLE]
+MID_TABLE = _table(MID_CENTRE)
 
 
 M_TRIM_THRESHOLD = -1
@@ -51,7 +66,7 @@ def keep_freed_memory() -> bool:
     """Ask glibc to keep freed large blocks for reuse (a loader process's own setting).
 
     Why: every image allocates a few MB-sized arrays; above glibc's default 128 kB threshold each
-    is a fresh mmap whose pages fault in one by one (~1 ms per image), and is unmapped on free.
+    is a fresh mmap whose pages fault in one by one, and is unmapped again on free.
     Served from the heap and not trimmed, the same pages are reused. False where not glibc.
     """
     import ctypes
@@ -67,7 +82,9 @@ def keep_freed_memory() -> bool:
 
 @dataclass(frozen=True)
 class SourceImage:
-    """A decoded image as place_image reads it: (3, h+1, w+1) float32 RGB, last row and column 0."""
+    """A decoded image as place_image reads it: (3, h+1, w+1) RGB, last row and column 0 (the
+    outside that get_pixel_extend reads). Bytes (a decoded file: converted to byte/255. floats
+    a few rows at a time, where they are used) or float32 (any float image)."""
 
     padded: np.ndarray
 
@@ -83,13 +100,19 @@ class SourceImage:
     def nbytes(self) -> int:
         return self.padded.nbytes
 
-    def planar(self) -> np.ndarray:
-        """The (3, h, w) image (a view)."""
-        return self.padded[:, :-1, :-1]
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows lo..hi-1 as float32 (3, hi-lo, w+1): a view of a float source, a fresh array otherwise."""
+        if self.padded.dtype == F32:
+            return self.padded[:, lo:hi, :]
+        import cv2
+        out = np.empty((3, hi - lo, self.padded.shape[2]), F32)
+        for c in range(3):
+            cv2.LUT(self.padded[c, lo:hi], BYTE_TO_FLOAT, dst=out[c])
+        return out
 
 
-def _padded(h: int, w: int) -> np.ndarray:
-    padded = np.empty((3, h + 1, w + 1), F32)
+def _padded(h: int, w: int, dtype: type) -> np.ndarray:
+    padded = np.empty((3, h + 1, w + 1), dtype)
     padded[:, h, :] = 0
     padded[:, :h, w] = 0
     return padded
@@ -98,18 +121,22 @@ def _padded(h: int, w: int) -> np.ndarray:
 def source_from_planar(image: np.ndarray) -> SourceImage:
     """A (3, h, w) float image as a SourceImage (one copy)."""
     _, h, w = image.shape
-    padded = _padded(h, w)
+    padded = _padded(h, w, F32)
     padded[:, :h, :w] = image
     return SourceImage(padded)
 
 
 def source_from_bgr(bgr: np.ndarray) -> SourceImage:
-    """An (h, w, 3) uint8 BGR decode as a SourceImage, RGB and byte/255. like Darknet's loader."""
+    """An (h, w, 3) uint8 BGR decode as a SourceImage: RGB planes of bytes (4x smaller than floats
+    in a worker's cache; converted to Darknet's byte/255. as they are used)."""
     import cv2
     h, w = bgr.shape[:2]
-    padded = _padded(h, w)
-    for c, plane in enumerate(reversed(cv2.split(bgr))):
-        cv2.LUT(plane, BYTE_TO_FLOAT, dst=padded[c, :h, :w])
+    padded = _padded(h, w, U8)
+    views = [padded[2, :h, :w], padded[1, :h, :w], padded[0, :h, :w]]      # B, G, R
+    planes = cv2.split(bgr, views)              # written in place (5x faster than split + copies)
+    for view, plane in zip(views, planes):
+        if plane is not view:                   # an OpenCV that allocated instead
+            view[...] = plane
     return SourceImage(padded)
 
 
@@ -125,6 +152,7 @@ def load_source(path: object) -> SourceImage:
 
 def distort_into(rgb: np.ndarray, out: np.ndarray, hue: F32, sat: F32, val: F32) -> None:
     """distort_image of a (3, n, m) float32 block (overwritten as scratch), result in `out`."""
+    import cv2
     r, g, b = rgb[0], rgb[1], rgb[2]
     hi = np.maximum(r, g)
     lo = np.minimum(r, g)
@@ -133,8 +161,6 @@ def distort_into(rgb: np.ndarray, out: np.ndarray, hue: F32, sat: F32, val: F32)
     bits |= np.greater_equal(g, b).view(U8)
     bits <<= 1
     bits |= np.greater_equal(r, g).view(U8)
-    bits <<= 2
-    code = bits.astype(np.uint32)                   # the code times 4: its bit offset in HUE_WORD
     mx = np.maximum(hi, b)                          # three_way_max / three_way_min: no NaN in images
     mn = np.minimum(lo, b)
     mid = np.minimum(hi, b, out=hi)
@@ -149,10 +175,7 @@ def distort_into(rgb: np.ndarray, out: np.ndarray, hue: F32, sat: F32, val: F32)
     np.subtract(mid, mn, out=mid)
     np.maximum(delta, TINY, out=delta)
     np.divide(mid, delta, out=mid)
-    np.right_shift(HUE_WORD, code, out=code)
-    code &= np.uint32(15)
-    h = code.astype(F32)
-    h -= F32(6)
+    h = cv2.LUT(bits, HUE_TABLE)
     h += mid
     np.abs(h, out=h)
     h /= F32(6)                                     # Darknet: h/6. in double; one float rounding of an
@@ -167,24 +190,20 @@ def distort_into(rgb: np.ndarray, out: np.ndarray, hue: F32, sat: F32, val: F32)
     # The sector's mid value uses f (odd index, and index 6 which falls to the last case) or 1 - f
     # (even): both equal |h - c| for c = the odd one of index, index+1 (or 6 for index 6), exactly.
     k = h.astype(U8)
-    c = k | U8(1)
-    np.minimum(c, U8(6), out=c)
-    m = np.subtract(h, c.astype(F32), out=h)
+    m = np.subtract(h, cv2.LUT(k, MID_TABLE), out=h)
     np.abs(m, out=m)
     m *= s
     np.subtract(F32(1), m, out=m)
     m *= v                                          # q or t
     np.subtract(F32(1), s, out=s)
     s *= v                                          # p
-    np.minimum(v, F32(1), out=v)                    # constrain_image, before the selection (it keeps
-    np.clip(m, F32(0), F32(1), out=m)               # p <= mid <= v)
+    np.minimum(v, F32(1), out=v)                    # constrain_image, before the selection
+    np.clip(m, F32(0), F32(1), out=m)
     np.clip(s, F32(0), F32(1), out=s)
-    np.minimum(k, U8(5), out=k)
-    y = np.subtract(k.astype(F32), ROLE_CENTRE)
-    np.abs(y, out=y)
-    y -= F32(1.5)
-    np.add(m, y[0], out=y[0])                       # r: v far from its centre
-    np.subtract(m, y[1:], out=y[1:])                # g, b: v near theirs
+    y = np.empty(rgb.shape, F32)
+    for c in range(3):
+        cv2.LUT(k, ROLE_TABLES[c], dst=y[c])
+    y += m
     np.minimum(y, v, out=y)
     np.maximum(y, s, out=out)
 
@@ -246,7 +265,7 @@ def render(src: SourceImage, out: np.ndarray, nw: int, nh: int, dx: int, dy: int
         # A term with a zero weight adds +0 (pixels are finite and >= 0), a weight of 1 changes nothing.
         if same_y:
             first = int(iy[rows.start])
-            top = padded[:, first:first + rows.stop - rows.start, :]
+            top = src.rows(first, first + rows.stop - rows.start)
             if same_x:
                 block = np.array(top[:, :, cols])
             else:                                   # per channel: np.take would copy the whole view first
@@ -261,8 +280,14 @@ def render(src: SourceImage, out: np.ndarray, nw: int, nh: int, dx: int, dy: int
             distort_into(block, target, hue, sat, val)
             continue
         gyb, fyb = gy[rows, None], fy[rows, None]
-        top = np.take(padded, iy[rows], axis=1)
-        bottom = np.take(padded, iy1[rows], axis=1)
+        if padded.dtype == F32:
+            top = np.take(padded, iy[rows], axis=1)
+            bottom = np.take(padded, iy1[rows], axis=1)
+        else:                                       # convert the rows this block spans once
+            lo = int(iy[rows.start])
+            span = src.rows(lo, int(iy1[rows.stop - 1]) + 1)
+            top = np.take(span, iy[rows] - lo, axis=1)
+            bottom = np.take(span, iy1[rows] - lo, axis=1)
         if not same_x:
             p10 = np.take(top, ix1, axis=2)
             p10 *= fx * gyb

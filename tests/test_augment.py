@@ -259,7 +259,7 @@ def _reference_render(im: np.ndarray, H: int, W: int, nw: int, nh: int, dx: int,
 def test_kernel_equals_the_reference_functions_bit_for_bit() -> None:
     """Random sizes, offsets (also off the canvas), same-size axes, byte-valued and grey/black
     patches, hue shifts either way and none, both mirror states: every float identical."""
-    from d2c.augment_kernel import render, source_from_planar
+    from d2c.augment_kernel import render, source_from_bgr, source_from_planar
     rng = np.random.default_rng(0)
     for trial in range(240):
         ih, iw = (int(v) for v in rng.integers(5, 120, 2))
@@ -281,6 +281,10 @@ def test_kernel_equals_the_reference_functions_bit_for_bit() -> None:
         got = np.empty((3, H, W), F32)
         render(source_from_planar(im), got, nw, nh, dx, dy, hue, sat, val, flip)
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"trial {trial}")
+        if trial % 3 == 0:                  # byte-valued: the decoded-file source (bytes) gives the same
+            bgr = np.ascontiguousarray(np.round(im * 255).astype(np.uint8)[::-1].transpose(1, 2, 0))
+            render(source_from_bgr(bgr), got, nw, nh, dx, dy, hue, sat, val, flip)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"bytes {trial}")
 
 
 def test_kernel_hue_edge_cases() -> None:
