@@ -5,7 +5,7 @@ Why: an int8 build that "mostly works" loses boxes and shifts others; users cann
 are to blame. This calibrates on the model's own training images (the `.data` file's train list, a
 list or a folder), preprocessed by the sidecar's contract; scores int8 against Darknet's fp32
 detections on evaluation images (the `.data` valid list, else the calibration images); ranks the
-conv blocks by RKNN's single-layer cosine; and moves the most sensitive to fp16 one at a time
+conv blocks by the accumulated cosine each loses in RKNN's analysis; and moves the most sensitive to fp16 one at a time
 until every reference box is kept, none is extra, worst IoU >= 0.95 and worst score diff <= 0.05,
 or `--max-fp16` blocks are spent. Writes OUT/<stem>.rknn (the chosen build), OUT/quantize.json,
 OUT/sensitivity.png.
@@ -99,7 +99,7 @@ def quantize(model: str | Path, data: str | Path, out: str | Path, *, images: in
               "preprocess": {"mean_values": pre["mean_values"], "std_values": pre["std_values"],
                              "channel_order": pre["channel_order"], "letterbox": pre["letterbox"]},
               "calibration_images": [str(p) for p in calib], "eval_images": [str(p) for p in evaluate],
-              "sensitivity": [{"block": b, "single_cos": c} for b, c in ranking], "steps": steps,
+              "sensitivity": [{"block": b, "entire_cos_drop": c} for b, c in ranking], "steps": steps,
               "rknn_model": str(out_dir / f"{stem}.rknn")}
     atomic_write_text(out_dir / "quantize.json", json.dumps(report, indent=1) + "\n")
     return report
@@ -128,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
           f"{len(evaluate)} evaluation image(s)")
     report = quantize(args.model, args.data, args.out, images=args.images, eval_images=evaluate,
                       max_fp16=args.max_fp16, thresh=args.thresh)
-    print("  sensitivity (single-layer cosine, most sensitive first): " +
-          ", ".join(f"layer{s['block']:03d} {s['single_cos']:.5f}" for s in report["sensitivity"]))
+    print("  sensitivity (accumulated cosine each conv block loses, most sensitive first): " +
+          ", ".join(f"layer{s['block']:03d} {s['entire_cos_drop']:.5f}" for s in report["sensitivity"]))
     print(f"  fp16 blocks: {', '.join(report['fp16_layers']) or 'none'}; "
           f"{'meets' if report['ok'] else 'misses'} the agreement target")
     print(f"  wrote {report['rknn_model']}, {Path(args.out) / 'quantize.json'}, {Path(args.out) / 'sensitivity.png'}")

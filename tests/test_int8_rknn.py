@@ -21,7 +21,8 @@ from d2c.convert import convert
 from d2c.detect import load_model_files
 from d2c.errors import DatasetError
 from d2c.image import letterbox, load_image_rgb
-from d2c.int8_rknn import Agreement, Build, measure, parse_analysis, rank_blocks, references, rknn_python
+from d2c.int8_rknn import (Agreement, Build, block_members, measure, parse_analysis, rank_blocks, references,
+                           rknn_python)
 from d2c.preprocess import to_uint8_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,18 @@ def test_analysis_rows_and_ranking(tmp_path: Path) -> None:
     rows = parse_analysis(tmp_path / "error_analysis.txt")
     assert [r["tensor"] for r in rows] == ["data", "layer000_scale", "layer000_leaky", "layer002_scale",
                                            "layer015_conv_wh"]
-    assert rank_blocks(rows, [0, 2, 15]) == [(15, 0.97130), (0, 0.99963), (2, 0.99980)]
+    # entire-cosine lost per block: 0 loses 1 - 0.99944, 2 loses 0.99944 - 0.99976 (none), 15 loses
+    # 0.99976 - 0.97075 (its previous row is layer002_scale: the unparsed row is skipped).
+    members = {0: [0, 1], 2: [2, 3], 15: [15, 16]}
+    assert rank_blocks(rows, members) == [(15, 0.02901), (0, 0.00056), (2, -0.00032)]
+
+
+def test_blocks_take_their_pools_and_routes(tmp_path: Path) -> None:
+    """Hybrid fp16 blocks cover a conv and the non-conv layers after it (see block_members)."""
+    sidecar = load_model_files(convert(CFG, None, tmp_path, split_heads=True).prototxt).sidecar
+    members = block_members(sidecar)
+    assert list(members) == [0, 2, 4, 6, 8, 10, 12, 13, 14, 15, 18, 21, 22]
+    assert members[0] == [0, 1] and members[15] == [15, 16, 17] and members[18] == [18, 19, 20]
 
 
 def test_rknn_fp16_and_int8_with_the_contract(tiny_split: Path, tmp_path: Path) -> None:
