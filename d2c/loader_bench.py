@@ -1,18 +1,22 @@
 """Loader speed for `d2c bench`: d2c's loader against Darknet's own, and its share of a training iteration.
 
 What is measured (each in a child process, so engines and thread pools do not mix):
-- images/s of Darknet's load_data_detection (Debian libdarknet, the function train_detector's
-  loader threads call, each thread on its share of the batch) on the shapes list at 416 with the
-  yolov3-tiny augmentation settings: one process (per core), and `cores` processes at once (what
-  its `cores` threads would do);
-- images/s of d2c's loader on the same list and settings: d2c.augment.detection_batch in one
-  process (per core), and d2c.loader.PrefetchLoader with `cores` workers;
+- per core: Darknet's load_data_detection (Debian libdarknet, the function train_detector's loader
+  threads call) and d2c's loader (d2c.augment.detection_batch, set up as a loader worker is) on the
+  same list, yolov3-tiny's augmentation at 416, every image decoded as Darknet does. Speed is
+  images per CPU second of the process (the median of a few rounds after a warm-up), so other jobs
+  on the machine do not count as loader time; the two run alternately in `pairs` pairs, so load that
+  comes and goes hits both alike, and the ratio is taken pair by pair (median and spread). Lists:
+  the shapes dataset (416 px JPEGs, the training demo's) and Darknet's sample photos (768-1600 px);
+- throughput (wall clock): `cores` Darknet processes at once, and d2c.loader.PrefetchLoader with
+  `cores` workers;
 - the loader's share of a yolov3-tiny batch-16 training iteration (416, exact BN) with prefetch:
   the same net and solver steps timed with the batch already in memory and with each batch taken
   from the PrefetchLoader, whose workers render the next batches while Caffe computes;
   share = the time the training loop waits for its batch / the iteration time; the iteration time
   with and without the loader is reported too (its difference is the workers' CPU contention,
   within the noise of a shared machine).
+Run alone: `python -m d2c.loader_bench [--pairs N] [--no-share] [--json OUT]` prints the table.
 """
 from __future__ import annotations
 
@@ -87,7 +91,9 @@ def _d2c_loader_child() -> None:
     samples, _ = load_split(DataSpec.load(job["data"]), "train", classes=3)
     size, workers = job["size"], job["workers"]
     if workers == 0:
+        import cv2
         keep_freed_memory()                       # what the loader's worker processes do
+        cv2.setNumThreads(0)
         rng = np.random.default_rng(job["seed"])
         _rounds(job, lambda n: detection_batch(samples, n, size, size, rng=rng, max_boxes=BOXES, **job["augment"]))
         return
