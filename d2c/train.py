@@ -869,7 +869,7 @@ class Trainer:
         from d2c.parity import caffe_arrays
 
         samples, _problems = load_split(self.spec, split, classes=self.classes, skip_bad=True)
-        detector = CaffeDetector.from_arrays(self.base_graph, caffe_arrays(self.net, self.base_graph))
+        detector = CaffeDetector.from_arrays(self.base_graph, caffe_arrays(self.net, self.conversion))
         names = None
         with contextlib.suppress(D2CError):
             names = self.spec.names(self.classes)
