@@ -35,6 +35,8 @@ def calibration_images(source: str | Path, limit: int | None = None) -> list[Pat
     """The images of a `.data` file's train list, an image list (one path a line) or a folder,
     in listed (or name) order, at most `limit` of them (evenly spread over the list)."""
     src = Path(source)
+    if not src.exists():
+        raise DatasetError(f"{src}: no such .data file, image list or folder")
     if src.is_dir():
         images = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         where = f"{src}: no images ({', '.join(IMAGE_SUFFIXES)})"
@@ -43,11 +45,9 @@ def calibration_images(source: str | Path, limit: int | None = None) -> list[Pat
         list_path = spec.train
         images = _resolve_list(list_path, (spec.path.parent,))
         where = f"{spec.where('train')}: the train list {list_path} has no images"
-    elif src.is_file():
+    else:
         images = _resolve_list(src, ())
         where = f"{src}: the image list is empty"
-    else:
-        raise DatasetError(f"{src}: no such .data file, image list or folder")
     if not images:
         raise DatasetError(where)
     if limit is not None:

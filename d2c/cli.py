@@ -157,6 +157,8 @@ MODULE_COMMANDS = [
     ("verify", "d2c.targets.verify", "run a converted model in a deploy toolchain (OpenVINO, MNN, RKNN, ...) and "
                                      "compare heads and detections"),
     ("shapes", "d2c.shapes", "write the seeded demo detection dataset (coloured shapes) in Darknet's layout"),
+    ("quantize", "d2c.quantize", "int8 on an NPU toolchain (RKNN) calibrated from the Darknet dataset, with "
+                                 "per-layer analysis and an automatic fp16 fallback until it agrees with Darknet"),
 ]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -83,16 +84,17 @@ class RunResult:
 
 
 def run_rknn(files: ModelFiles, build: Build, dataset: PreparedSet | None, inputs: list[Path], workdir: Path,
-             analysis_input: Path | None = None, timeout: float = 1800) -> RunResult:
+             analysis_input: Path | None = None, timeout: float = 1800, export: Path | None = None) -> RunResult:
     """Build with RKNN-Toolkit2 in its venv and run the simulator on `inputs` (.npy NCHW tensors)."""
     workdir.mkdir(parents=True, exist_ok=True)
     job = {"prototxt": str(files.prototxt.resolve()), "caffemodel": str(files.caffemodel.resolve()),
            "config": build.config(files.sidecar), "quantize": build.quantize,
            "dataset": str(dataset.list_file) if dataset else None,
-           "fp16": [f"layer{i:03d}_" for i in build.fp16_blocks] if build.fp16_blocks is not None else None,
+           "fp16": ([f"layer{i:03d}_" for b in build.fp16_blocks for i in block_members(files.sidecar).get(b, [b])]
+                    if build.fp16_blocks is not None else None),
            "proposal": build.proposal, "inputs": [str(p) for p in inputs],
            "outputs": str(workdir / "outputs.npz"), "analysis": str(analysis_input) if analysis_input else None,
-           "workdir": str(workdir)}
+           "workdir": str(workdir), "export": str(Path(export).resolve()) if export else None}
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps(job))
     start = time.perf_counter()
@@ -232,15 +234,19 @@ def references(files: ModelFiles, images: list[Path], input_kind: str, thresh: f
 
 
 def measure(files: ModelFiles, build: Build, images: list[Path], workdir: Path,
-            refs: list[Reference] | None = None, thresh: float = 0.25) -> tuple[Agreement, list[str], float]:
-    """Score `build` on `images` (calibrated on the same images, leave-one-out, or not at all).
+            refs: list[Reference] | None = None, thresh: float = 0.25, calibration: list[Path] | None = None,
+            export: Path | None = None) -> tuple[Agreement, list[str], float]:
+    """Score `build` on `images`: calibrated on `calibration` when given (one build, `export`ed to
+    a .rknn file if asked), else as build.calibration says (the same images, leave-one-out, none).
     Returns the agreement, the float16 tensors RKNN used, and the seconds spent in RKNN."""
     refs = refs or references(files, images, build.input_kind, thresh)
     inputs = prepare(images, files.sidecar, build.input_kind, "inputs").tensors
     agreement = Agreement()
     fp16: list[str] = []
     seconds = 0.0
-    if build.calibration == "loo":
+    if calibration is not None:
+        groups = [(images, prepare(calibration, files.sidecar, build.input_kind, "calibration"))]
+    elif build.calibration == "loo":
         groups = [([image], prepare(leave_one_out(images, image), files.sidecar, build.input_kind, "loo"))
                   for image in images]
     else:
@@ -250,7 +256,8 @@ def measure(files: ModelFiles, build: Build, images: list[Path], workdir: Path,
     for k, (scored, dataset) in enumerate(groups):
         if build.quantize and dataset is None:
             raise D2CError(f"build '{build.label}': int8 needs calibration images")
-        run = run_rknn(files, build, dataset, [inputs[p] for p in scored], workdir / f"build{k}")
+        run = run_rknn(files, build, dataset, [inputs[p] for p in scored], workdir / f"build{k}",
+                       export=export if len(groups) == 1 else None)
         seconds += run.seconds
         fp16 = run.fp16_tensors
         results.update(zip(scored, run.outputs, strict=True))
@@ -268,8 +275,72 @@ def temp_workdir() -> Path:
 def conv_blocks(sidecar: dict[str, Any]) -> list[int]:
     """Darknet layer indices of the convolutional layers (the blocks hybrid quantization moves):
     d2c names a conv's output blob layerNNN_conv (its BN and activation run in place)."""
-    return sorted(int(i) for i, blob in (sidecar.get("blobs") or {}).items() if blob == f"layer{int(i):03d}_conv")
+    return sorted(block_members(sidecar))
+
+
+def block_members(sidecar: dict[str, Any]) -> dict[int, list[int]]:
+    """Conv block -> the Darknet layers it covers: the conv and every non-conv layer after it up to
+    the next conv (maxpool, upsample, route, shortcut, yolo). Why: a maxpool or route left in int8
+    between two fp16 convs requantizes the tensor at every block boundary, so moving convs alone to
+    fp16 removes little error (measured on yolov3-tiny: all 13 conv blocks alone in fp16 kept the
+    heads 30% off; with their pools and routes 2%)."""
+    blobs = {int(i): str(b) for i, b in (sidecar.get("blobs") or {}).items()}
+    members: dict[int, list[int]] = {}
+    current: int | None = None
+    for index in sorted(blobs):
+        if blobs[index] == f"layer{index:03d}_conv":
+            current = index
+            members[current] = [index]
+        elif current is not None:
+            members[current].append(index)
+    return members
+
+
+_ANALYSIS_ROW = re.compile(r"^\[(\w+)\]\s+(\S+)\s+([-\d.]+)\s*\|\s*([-\d.e+]+)\s+([-\d.]+)\s*\|\s*([-\d.e+]+)")
+
+
+def parse_analysis(path: Path) -> list[dict[str, Any]]:
+    """RKNN accuracy_analysis's error_analysis.txt: per tensor, its op type and the cosine against
+    fp32 with errors accumulated through the network ("entire") and of that layer alone ("single")."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        match = _ANALYSIS_ROW.match(line.strip())
+        if match:
+            kind, name, entire, _, single, _ = match.groups()
+            out.append({"op": kind, "tensor": name, "entire_cos": float(entire), "single_cos": float(single)})
+    if not out:
+        raise EngineError(f"{path}: no per-layer rows in RKNN's accuracy analysis")
+    return out
+
+
+def rank_blocks(analysis: list[dict[str, Any]], members: dict[int, list[int]]) -> list[tuple[int, float]]:
+    """Conv blocks, most sensitive first, by the accumulated ("entire") cosine the block loses: the
+    entire cosine of the tensor just before the block's first tensor minus the lowest entire cosine
+    among its tensors (layerNNN_* of its layers). Why not RKNN's single-layer cosine: every block
+    scores 0.9992-0.9999 alone, and the ranking it gives moved the wrong blocks first on yolov3-tiny."""
+    ranked = []
+    for block, layers in members.items():
+        prefixes = tuple(f"layer{i:03d}_" for i in layers)
+        positions = [k for k, row in enumerate(analysis) if row["tensor"].startswith(prefixes)]
+        if positions:
+            before = analysis[positions[0] - 1]["entire_cos"] if positions[0] > 0 else 1.0
+            lowest = min(analysis[k]["entire_cos"] for k in positions)
+            ranked.append((block, round(before - lowest, 6)))
+    return sorted(ranked, key=lambda item: -item[1])
+
+
+def sensitivity(files: ModelFiles, images: list[Path], workdir: Path, probe: Path | None = None,
+                input_kind: str = "uint8") -> tuple[list[dict[str, Any]], list[tuple[int, float]]]:
+    """RKNN's own per-layer analysis of the int8 build calibrated on `images`, run on `probe` (the
+    first image by default); returns its rows and the conv blocks ranked by sensitivity."""
+    dataset = prepare(images, files.sidecar, input_kind, "same")
+    probe_tensor = prepare([probe or images[0]], files.sidecar, input_kind, "inputs").tensors[probe or images[0]]
+    run = run_rknn(files, Build("analysis", input_kind=input_kind, calibration="same"), dataset, [probe_tensor],
+                   workdir, analysis_input=probe_tensor)
+    assert run.analysis is not None
+    rows_ = parse_analysis(run.analysis)
+    return rows_, rank_blocks(rows_, block_members(files.sidecar))
 
 
 __all__ = ["Agreement", "Build", "Reference", "conv_blocks", "detect_outputs", "measure", "network_input",
-           "references", "rknn_python", "run_rknn", "rows"]
+           "parse_analysis", "rank_blocks", "references", "rknn_python", "run_rknn", "rows", "sensitivity"]

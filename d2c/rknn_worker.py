@@ -8,7 +8,7 @@ Job keys: prototxt, caffemodel, config (rknn.config keyword arguments), quantize
 (calibration list, with quantize), fp16 (tensor name prefixes to keep in float16 through RKNN's
 hybrid quantization, or null), proposal (RKNN's own hybrid proposal), inputs (.npy NCHW tensors),
 outputs (.npz to write: one array per input and output, keys "i<input>_o<output>"), analysis
-(an .npy input for accuracy_analysis, or null), workdir. Prints one JSON line on success.
+(an .npy input for accuracy_analysis, or null), export (a .rknn file to write, or null), workdir. Prints one JSON line on success.
 """
 from __future__ import annotations
 
@@ -65,6 +65,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                                               model_quantization_cfg=str(cfg)), "hybrid_quantization_step2")
     else:
         _check(rknn.build(do_quantization=bool(job["quantize"]), dataset=job.get("dataset")), "build")
+    if job.get("export"):
+        _check(rknn.export_rknn(job["export"]), "export_rknn")
     _check(rknn.init_runtime(), "init_runtime (simulator)")
     arrays = {}
     for i, path in enumerate(job["inputs"]):
