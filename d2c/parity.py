@@ -223,7 +223,9 @@ def caffe_arrays(net, conversion, updates: dict[str, np.ndarray] | None = None) 
     """Darknet-named arrays of a live pycaffe train net, read back by each converter's export.
 
     With `updates` (solver slot key "layer/index" -> array), those blobs are read in place of the
-    parameters, so the momentum buffers come back under the names of the arrays they update.
+    parameters, so the momentum buffers come back under the names of the arrays they update; a blob
+    no slot updates (a frozen BN beta, the statistics) reads as 0, as Darknet's accumulator of an
+    array it never updates stays.
     """
     from dataclasses import replace
 
@@ -232,8 +234,8 @@ def caffe_arrays(net, conversion, updates: dict[str, np.ndarray] | None = None) 
     layers = []
     for layer in conversion.net.layers:
         if layer.name in net.params:
-            blobs = [np.array((updates or {}).get(f"{layer.name}/{k}", blob.data), np.float32)
-                     for k, blob in enumerate(net.params[layer.name])]
+            blobs = [np.array(blob.data if updates is None else updates.get(f"{layer.name}/{k}", 0 * blob.data),
+                              np.float32) for k, blob in enumerate(net.params[layer.name])]
             layer = replace(layer, blobs=blobs)
         layers.append(layer)
     return caffe_to_darknet(conversion.graph, layers, where="the parity train net").arrays
