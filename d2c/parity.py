@@ -568,7 +568,8 @@ def resync(net, conversion, sgd, arrays: dict[int, dict[str, np.ndarray]],
         sgd.U[slot.key] = np.asarray(fresh_u[slot.layer][slot.index], np.float32).reshape(sgd.U[slot.key].shape).copy()
 
 
-def summarize_update(steps_done: list[dict[str, Any]], steps: int, seen_darknet: int, seen_caffe: int) -> dict[str, Any]:
+def summarize_update(steps_done: list[dict[str, Any]], steps: int, seen_darknet: int,
+                     seen_caffe: int) -> dict[str, Any]:
     """The update section of the report: every row of every step, the worst of each kind, and the
     largest learned change (a check that moved nothing compared nothing)."""
     rows = [row for step in steps_done for row in step["rows"]]
@@ -628,7 +629,8 @@ def format_report(report: ParityReport) -> str:
                      f"{'ok' if check.ok else 'FAIL'}{where}")
     if report.update:
         u = report.update
-        lines.append(f"  update: {u['steps']} step(s) compared one by one (Caffe resynchronised to Darknet after each), "
+        lines.append(f"  update: {u['steps']} step(s) compared one by one (Caffe resynchronised to Darknet "
+                     f"after each), "
                      f"largest learned change {u['largest_change']:.3g}")
         if not next(c for c in report.checks if c.at_least).ok:
             lines.append(f"  FAILED: vacuous update: the learned arrays moved by at most "

@@ -77,7 +77,7 @@ class Check:
 
 def worst(checks: list[Check], name: str) -> Check:
     """The check with the largest value/bound ratio, renamed (a table row for a group)."""
-    seen = [c for c in checks if c.value > 0 or c.bound > 0] or checks   # 0 of 0 (an array that did not move) says nothing
+    seen = [c for c in checks if c.value > 0 or c.bound > 0] or checks   # 0 of 0 (nothing moved) says nothing
     pick = max(seen, key=lambda c: c.value / c.bound if c.bound > 0 else (np.inf if c.value > 0 else 0.0))
     return Check(name, pick.value, pick.bound, {**pick.detail, "where": pick.name})
 
