@@ -84,6 +84,18 @@ def main() -> int:
     row("split", Build("split heads + conv 0-8 with their maxpools fp16, leave-one-out", fp16_blocks=[0, 2, 4, 6, 8]))
     row("split", Build("split heads + every layer fp16 (hybrid control)", fp16_blocks=list(range(24)),
                        calibration="same"))
+    # The same curve with blocks taken front to back (errors made early are carried through the net).
+    depth = sorted(ranking)
+    chosen_depth = None
+    for k in range(1, args.max_fp16 + 1):
+        entry = row("split", Build(f"split heads + first {k} conv blocks fp16 (depth order)", fp16_blocks=depth[:k],
+                                   calibration="same"))
+        if entry["ok_target"]:
+            chosen_depth = depth[:k]
+            break
+    if chosen_depth is not None:
+        row("split", Build(f"split heads + first {len(chosen_depth)} conv blocks fp16, leave-one-out",
+                           fp16_blocks=chosen_depth))
     row("plain", Build("fp16", quantize=False, calibration="none"))
     row("plain", Build("int8, float input 0..1, std 1, same 7", input_kind="float", calibration="same"))
     row("plain", Build("int8, uint8 input, std 255, same 7", calibration="same"))
