@@ -85,6 +85,8 @@ def main() -> int:
     # The same curve with blocks taken front to back (errors made early are carried through the net).
     curve(sorted(ranking), "split heads + first {k} conv blocks fp16 (depth order)",
           "split heads + first {k} conv blocks fp16, leave-one-out")
+    row("split", Build("split heads + first 6 conv blocks fp16, leave-one-out", fp16_blocks=sorted(ranking)[:6]))
+    row("split", Build("split heads + conv 0-8 and head block 22 fp16, leave-one-out", fp16_blocks=[0, 2, 4, 6, 8, 22]))
     row("plain", Build("fp16", quantize=False, calibration="none"))
     row("plain", Build("int8, float input 0..1, std 1, same 7", input_kind="float", calibration="same"))
     row("plain", Build("int8, uint8 input, std 255, same 7", calibration="same"))
