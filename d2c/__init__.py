@@ -17,12 +17,16 @@ The Python API (the `d2c` command is a thin layer over the same calls)::
 
 - `d2c.convert(cfg, weights, out, **opts)` -> d2c.convert.ConvertReport. Options: flavor,
   fold_bn, continue_on_error, allow_trailing, seed (random weights when `weights` is None),
-  train, bn, batch, name, names (a class names file recorded in the sidecar).
+  train, bn, batch, name, names (a class names file recorded in the sidecar), target (a deploy
+  toolchain from d2c.targets: the net is linted and rewritten for its importer).
 - `d2c.Detector(model, engine="caffe", names=None)`: call it on an image path or a (3, h, w)
   float32 RGB array; returns the record `d2c detect --json` prints.
 - `d2c.parity(cfg, weights=None, **opts)` -> d2c.parity.ParityReport (`.ok`, `.to_json()`).
   Options: images, truth_file, batch, subdivisions, steps, bn, darknet_compat, seed, size,
   net_overrides. Needs Debian's libdarknet.so and pycaffe.
+
+`d2c.targets.verify.verify(model, images, target)` runs a converted model in a deploy toolchain
+and returns the report `d2c verify --json` writes.
 
 Every mistake in the inputs raises d2c.errors.D2CError (a one-line message, `.problems` for
 the details); nothing is written unless a conversion succeeds.

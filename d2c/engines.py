@@ -96,4 +96,24 @@ def engine_info() -> dict[str, str]:
         info["opencv"] = f"missing: {exc}"
     import numpy
     info["numpy"] = numpy.__version__
+    info.update(toolchain_info())
+    return info
+
+
+def toolchain_info() -> dict[str, str]:
+    """Deploy toolchains (d2c.targets): which venvs `make targets` has built, read from their stamps."""
+    import json
+
+    from d2c.targets import REGISTRY
+    from d2c.targets.base import STAMP, venv_dir
+    info: dict[str, str] = {}
+    for name, target in REGISTRY.items():
+        if target.not_runnable:
+            info[name] = f"not runnable here: {target.not_runnable}"
+        elif target.venv:
+            try:
+                stamp = json.loads((venv_dir(target) / STAMP).read_text())
+                info[name] = f"{venv_dir(target)} ({' '.join(stamp['requirements'])})"
+            except (OSError, ValueError, KeyError):
+                info[name] = f"missing: run `make targets` ({' '.join(target.requirements)})"
     return info

@@ -2,10 +2,13 @@
 
 The protocol: the same cfg (batch and subdivisions forced small), the same weights
 (given, or seeded well-conditioned random ones), the same letterboxed images and truth boxes.
-Then compare (1) every layer's forward output, (2) the loss, (3) the head gradient (Darknet's
-l.delta against minus the Caffe bottom diff times the mini-batch), (4) every weight, bias, BN
-scale and rolling statistic after N SGD steps. Darknet runs in a child process, so its
-flush-to-zero mode never touches the Caffe side. Exit status 0 only within the named tolerances.
+Then compare (1) every layer's forward output, (2) the loss of every mini-batch, (3) the head
+gradient (Darknet's l.delta against the Caffe loss layer's, and what reaches the layer below),
+(4) after every SGD step every weight, bias, BN scale, momentum buffer and rolling statistic;
+Caffe then takes Darknet's state, so each step is compared from the same start. Each check has
+a bound derived from its inputs' measured difference (d2c.tolerances), printed beside it.
+Darknet runs in a child process, so its flush-to-zero mode never touches the Caffe side. Exit
+status 0 only when every check is within its bound.
 """
 from __future__ import annotations
 
@@ -229,8 +232,10 @@ def caffe_arrays(net, conversion, updates: dict[str, np.ndarray] | None = None) 
     layers = []
     for layer in conversion.net.layers:
         if layer.name in net.params:
-            blobs = [np.array((updates or {}).get(f"{layer.name}/{k}", blob.data), np.float32)
-                     for k, blob in enumerate(net.params[layer.name])]
+            # a blob without a solver slot (lr_mult 0: statistics, AlexeyAB's frozen CPU BN betas)
+            # has no accumulator: zero, as the engine's never-filled *_updates
+            blobs = [np.array(blob.data if updates is None else updates.get(f"{layer.name}/{k}", 0 * blob.data),
+                              np.float32) for k, blob in enumerate(net.params[layer.name])]
             layer = replace(layer, blobs=blobs)
         layers.append(layer)
     return caffe_to_darknet(conversion.graph, layers, where="the parity train net").arrays
@@ -276,8 +281,8 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
         graph = _build_copy(cfg_path, cfg, "alexeyab" if engine == "alexeyab" else None)
         heads = graph.heads()
         if not heads or any(h.kind not in LAYER_CLASS for h in heads):
-            raise D2CError(f"{cfg_path}: parity needs a cfg whose heads all have a training loss "
-                           f"({', '.join(f'[{kind}]' for kind in LAYER_CLASS)})")
+            raise D2CError(f"{cfg_path}: parity needs a cfg whose heads all have a training loss: "
+                           f"{' or '.join(f'[{kind}]' for kind in LAYER_CLASS)}")
         # Weights: given, or seeded random ones written for Darknet (seen = 0 either way).
         if weights_path is None:
             header, arrays = WeightsHeader(), random_weights(graph, seed)
@@ -357,6 +362,9 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
                     r_inputs = 0.0
                     before = step.pop("darknet_arrays")
                     resync(net, train, sgd, before, step.pop("darknet_updates"))
+                    if engine == "alexeyab" and darknet_compat_asked:
+                        from d2c.alexeyab_cpu import resync_kept_deltas
+                        resync_kept_deltas(dn, net, batch)
             report.loss = {"darknet": losses[0]["darknet"], "caffe": losses[0]["caffe"],
                            "rel": max(entry["rel"] for entry in losses), "minibatches": losses}
             report.checks.insert(1, worst(loss_checks, "loss"))
@@ -635,6 +643,29 @@ def format_report(report: ParityReport) -> str:
     return "\n".join(lines)
 
 
+def plot_report(report: ParityReport, path: Path) -> None:
+    """Per-layer forward error, per-mini-batch loss error and per-step update error, each beside its
+    bound (log scale): where in the net and when the engines part."""
+    from d2c.plots import plot_panels
+
+    layers = report.forward.get("layers", [])
+    panels = [("forward: max rel per layer (x: layer index)",
+               [("max rel", [d["index"] for d in layers], [d["max_rel"] for d in layers], "tab:blue"),
+                ("bound", [d["index"] for d in layers], [report.forward["bound"]] * len(layers), "tab:red")])]
+    batches = report.loss.get("minibatches", [])
+    panels.append(("loss: rel per mini-batch (x: mini-batch)",
+                   [("rel", [m["minibatch"] for m in batches], [m["rel"] for m in batches], "tab:blue"),
+                    ("bound", [m["minibatch"] for m in batches], [m["bound"] for m in batches], "tab:red")]))
+    rows = [r for r in report.update.get("arrays", []) if "of_change" in r]
+    if rows:
+        steps = sorted({r["step"] for r in rows})
+        pick = [max((r for r in rows if r["step"] == k), key=lambda r: r["of_change"] / r["bound"]) for k in steps]
+        panels.append(("update: worst learned array of each step, difference / change (x: step)",
+                       [("value", steps, [r["of_change"] for r in pick], "tab:blue"),
+                        ("bound", steps, [r["bound"] for r in pick], "tab:red")]))
+    plot_panels(path, panels, xlabel="", ylabel="relative difference", log_y=True, size=(8.0, 3.2))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("cfg", help="Darknet .cfg with [yolo] or [region] heads")
     p.add_argument("weights", nargs="?", help=".weights (default: seeded well-conditioned random weights)")
@@ -654,12 +685,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--darknet-engine", choices=["debian", "alexeyab"], default=None,
                    help="the real Darknet to compare with (default: Debian's, AlexeyAB's for cfgs that need it)")
     p.add_argument("--json", type=Path, help="write the full report as JSON")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="plot each layer's, mini-batch's and step's error "
+                   "beside its bound")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.json:
-        from d2c.fsutil import check_output_file
-        check_output_file(args.json, "--json")
+    from d2c.fsutil import check_output_file
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, option)
     from d2c.darknet.runtime import library_path
     from d2c.engines import import_caffe
     library_path()      # both engines present (exit 3 otherwise) before any work starts
@@ -679,6 +713,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_json(), indent=1, default=float) + "\n")
         print(f"  wrote {args.json}")
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"  wrote {args.plot}")
     return 0 if report.ok else 1
 
 

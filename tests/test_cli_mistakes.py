@@ -80,6 +80,7 @@ MISTAKES: dict[str, tuple[str, list[str]]] = {
     "detect: -o an existing file, two images": ("detect {model-good} {dog.jpg} {dog.jpg} -o {existing.png}",
                                                 ["existing.png", "is an existing file", "folder"]),
     "parity: --json a directory": ("parity {good.cfg} --json {folder}", ["--json", "is a directory"]),
+    "parity: --plot a directory": ("parity {good.cfg} --plot {folder}", ["--plot", "is a directory"]),
     "detect: a classifier": ("detect {model-classifier} {dog.jpg}", ["no detection head", "classifier"]),
     "detect: names count": ("detect {model-good} {dog.jpg} --names " + str(DATA / "voc.names"),
                             ["voc.names", "20 class name(s)", "1 classes"]),

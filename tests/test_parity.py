@@ -21,10 +21,11 @@ MOVING = {"burn_in": "0", "learning_rate": "0.001"}   # weights really move in o
 def test_yolov3_tiny_real_weights(tmp_path: Path, capsys) -> None:
     """Real weights, b=2, several steps with parity's burn_in=0: every check has a bound beside it."""
     code = main(["parity", str(CFG / "yolov3-tiny.cfg"), str(TINY_WEIGHTS), "--batch", "2", "--steps", "3",
-                 "--size", "160", "160", "--json", str(tmp_path / "p.json")])
+                 "--size", "160", "160", "--json", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png")])
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "p.json").read_text())
     assert code == 0, out
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["ok"] and report["tolerances"] == TOLERANCES and report["net_defaults"] == {"burn_in": "0"}
     checks = {c["name"]: c for c in report["checks"]}
     assert {"forward", "loss", "layer 16 delta", "layer 16 delta formula", "layer 23 propagated", "update",

@@ -214,7 +214,7 @@ def test_outputs_out_of_place_keeps_heads_and_values(tmp_path):
     mnn = conversion(SHARED / "yolov7-tiny.cfg", "mnn", size=64, tmp=tmp_path)
     assert mnn.sidecar["target"]["rewrites"] == {"outputs-out-of-place": 3}
     blobs = [h["blob"] for h in mnn.sidecar["heads"]]
-    assert len(blobs) == 3 and all(b.endswith("_logistic_out") for b in blobs)
+    assert len(blobs) == 3 and all(b.endswith("_logistic") for b in blobs)    # named like their layer
     assert [b[:8] for b in blobs] == [h["blob"][:8] for h in plain.sidecar["heads"]]   # same layers
     assert set(blobs) == net_outputs(mnn.net.layers) and set(blobs) == set(mnn.sidecar["blobs"].values()) & set(blobs)
     assert not any(layer.top == layer.bottom and layer.top[0] in blobs for layer in mnn.net.layers)
@@ -231,3 +231,31 @@ def test_whole_yolov4_rewritten_matches_plain_in_pycaffe(tmp_path, target):
     x = np.random.default_rng(4).uniform(0, 1, (1, 3, 64, 64)).astype(np.float32)
     for a, b in zip(heads(plain, x), heads(done, x), strict=True):
         assert_allclose(b, a, rtol=0, atol=5e-5 * np.abs(a).max())
+
+
+# -- toolchain venvs: reuse by stamp (no install here; tests/test_targets_toolchains.py uses the real ones) ------
+
+def test_setup_targets_reuses_a_venv_only_when_its_stamp_matches(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import setup_targets
+    monkeypatch.setenv("D2C_CACHE", str(tmp_path))
+    target = REGISTRY["mnn"]
+    version = setup_targets.python_version(sys.executable)
+    venv = tmp_path / "targets" / target.venv
+    assert not setup_targets.is_current(target, version)                     # nothing there
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    assert not setup_targets.is_current(target, version)                     # no stamp: half-finished install
+    stamp = venv / ".d2c-installed.json"
+    stamp.write_text(json.dumps(setup_targets.wanted_stamp(target, version)))
+    assert setup_targets.is_current(target, version)
+    assert not setup_targets.is_current(target, "3.10")                      # another Python
+    stamp.write_text(json.dumps({"requirements": ["mnn==3.6.0"], "python_version": version}))
+    assert not setup_targets.is_current(target, version)                     # other pins
+    stamp.write_text(json.dumps({"requirements": list(target.requirements), "python": sys.executable}))
+    assert setup_targets.is_current(target, version)                         # older stamp: asks the venv's Python
+    with pytest.raises(SystemExit):
+        setup_targets.main(["tpu-mlir"])                                     # declared, not installable here
+    makefile = (ROOT / "Makefile").read_text()
+    assert "setup: $(VENV)/.d2c-setup weights/yolov3-tiny.weights targets" in makefile
+    assert "\t$(VPY) tools/setup_targets.py" in makefile

@@ -71,8 +71,9 @@ def test_formula_check_counts_ulps() -> None:
     assert formula_check("f", theirs, ours).value == 0
     ours[1] = np.nextafter(ours[1], np.float32(4))
     assert formula_check("f", theirs, ours).value == pytest.approx(1.0) and formula_check("f", theirs, ours).ok
-    ours[2] = np.float32(-0.2500003)                                 # 5 ulps off: a formula error
-    assert not formula_check("f", theirs, ours).ok
+    ours[2] = np.float32(-0.2500003)                                 # 10 ulps off: a formula error
+    check = formula_check("f", theirs, ours)
+    assert not check.ok and check.value == pytest.approx(10.0) and check.detail["worst"]["index"] == [2]
 
 
 def test_loss_bound_from_the_delta_differences() -> None:
@@ -83,3 +84,21 @@ def test_loss_bound_from_the_delta_differences() -> None:
     expected = SAFETY * (2 * 3.0 * step + step * step) / loss + 8 * EPS32
     assert loss_bound(loss, [(d, d + dd)]) == pytest.approx(expected, rel=1e-3)
     assert loss_bound(loss, [(d, -d)]) == pytest.approx(CEILINGS["loss_rel"] + 8 * EPS32)
+
+
+def test_delta_check_uses_the_jacobian_and_evaluates_only_flipped_decisions() -> None:
+    theirs = np.array([[1.0, 0.0, 0.5]], np.float32)
+    ours = np.array([[1.0 - 2e-6, 0.0, 0.5]], np.float32)
+    z = np.zeros((1, 3, 1, 1), np.float32)
+    sens = head_sensitivity(lambda x: (x * 1.5).astype(np.float32), z, np.full(z.shape, 1e-6), entries=3)
+    smooth = delta_check("d", theirs, ours, sens, np.array([[2e-6, 0, 0]]))
+    assert smooth.detail["threshold_flips"] == 0
+    assert_allclose(smooth.detail["amplified"], 1.5e-6, rtol=1e-2)
+    assert smooth.ok and smooth.bound == pytest.approx(SAFETY * 1.5e-6 + 2 * float(ulp(1.0)), rel=1e-2)
+    # a decision flipped by the input difference: its evaluated jump is the amplification ...
+    jumped = np.array([[1.0 - 1e-4, 0.0, 0.5]], np.float32)
+    flip = delta_check("d", theirs, jumped, sens, np.array([[1e-4, 0, 0]]))
+    assert flip.ok and flip.detail["threshold_flips"] == 1
+    # ... but never beyond the ceiling
+    far = delta_check("d", theirs, theirs - np.float32(0.3), sens, np.array([[0.3, 0, 0]]))
+    assert not far.ok and far.bound <= CEILINGS["delta_max_abs"] + 1e-6

@@ -51,6 +51,7 @@ def plan_axis(size_in: int, size: int, stride: int, padding: int) -> tuple[int, 
 @register
 class Maxpool(LayerConverter):
     section = "maxpool"
+    alexeyab_clears_delta = True
     keys = frozenset({"size", "stride", "stride_x", "stride_y", "padding", "maxpool_depth",
                       "out_channels", "antialiasing", "maxpool_zero_nonmax"})
     summary = "any size/stride(_x/_y)/padding incl. size 2 stride 1 and SPP 5/9/13"

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @register
 class Region(LayerConverter):
     section = "region"
+    alexeyab_clears_delta = True
     keys = frozenset({"coords", "classes", "num", "softmax", "background", "log", "sqrt", "max", "jitter",
                       "rescore", "thresh", "classfix", "absolute", "random", "coord_scale", "object_scale",
                       "noobject_scale", "mask_scale", "class_scale", "bias_match", "tree", "map", "anchors"})

@@ -118,6 +118,19 @@ def net_outputs(layers: list[CaffeLayer]) -> frozenset[str]:
     return frozenset(outputs)
 
 
+def is_inplace_output_writer(layer: CaffeLayer, outputs: frozenset[str]) -> bool:
+    """An in-place layer (a head conv's logistic, say) whose blob is a net output."""
+    return len(layer.top) == 1 and layer.top == layer.bottom and layer.top[0] in outputs
+
+
+def output_writer_rule(consequence: str) -> Rule:
+    """The importer names (or finds) net outputs by the layer that wrote them, not by the blob."""
+    return Rule("in-place output writer",
+                lambda layer, outputs: (f"an in-place layer writes net output '{layer.top[0]}': {consequence}"
+                                        if is_inplace_output_writer(layer, outputs) else None),
+                "outputs-out-of-place")
+
+
 def where_function(em: Emitter, graph: Graph) -> Callable[[str], str]:
     """Caffe layer name -> `cfg:line [section]` of the Darknet layer that emitted it."""
     def where(name: str) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from d2c.caffe.proto import CaffeLayer
-from d2c.targets.base import net_outputs
+from d2c.targets.base import is_inplace_output_writer, net_outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from d2c.caffe.emitter import Emitter
@@ -108,16 +108,12 @@ def cascade_large_pools(em: Emitter) -> int:
     return count
 
 
-def is_inplace_output_writer(layer: CaffeLayer, outputs: frozenset[str]) -> bool:
-    return len(layer.top) == 1 and layer.top == layer.bottom and layer.top[0] in outputs
-
-
 def outputs_out_of_place(em: Emitter) -> int:
     """An in-place layer that writes a net output (a head conv's logistic/leaky) gets its own top.
 
-    Why: some importers name a net output after the layer that made the blob first, or stop once every
-    output name exists; the same values under a fresh blob name are unambiguous. The sidecar's head
-    blobs follow the rename.
+    Why: MNN names a net output after the layer that wrote it last (so the sidecar's blob name is not
+    among its outputs), and tpu-mlir stops converting once every output name exists; the same values
+    in a fresh blob named like its layer are unambiguous for both. The sidecar's head blobs follow.
     """
     count = 0
     for i, layer in enumerate(list(em.layers)):
@@ -125,7 +121,9 @@ def outputs_out_of_place(em: Emitter) -> int:
         if not is_inplace_output_writer(layer, outputs) or any(
                 layer.top[0] in later.top for later in em.layers[i + 1:]):
             continue
-        old, new = layer.top[0], f"{layer.name}_out"
+        blobs = {b for other in em.layers for b in (*other.top, *other.bottom)}
+        old = layer.top[0]
+        new = layer.name if layer.name not in blobs else f"{layer.name}_out"   # MNN names outputs by layer
         layer.top = [new]
         for head in em.heads:
             if head.blob == old:

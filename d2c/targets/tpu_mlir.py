@@ -5,8 +5,8 @@ but `d2c verify --target tpu-mlir` says it cannot run.
 """
 from __future__ import annotations
 
-from d2c.targets.base import D2C_DEPLOY_TYPES, Rule, Target, register
-from d2c.targets.rewrites import is_inplace_output_writer, is_large_same_pool
+from d2c.targets.base import D2C_DEPLOY_TYPES, Rule, Target, output_writer_rule, register
+from d2c.targets.rewrites import is_large_same_pool
 
 
 @register
@@ -23,10 +23,7 @@ class TPUMLIR(Target):
                   lambda layer, outputs: ("a max pool this large can equal the map and is then taken as global "
                                           "pooling, its pad dropped") if is_large_same_pool(layer) else None,
                   "pool-cascade"),
-             Rule("in-place output writer",
-                  lambda layer, outputs: ("an in-place layer writes a net output; its converter stops with "
-                                          "'operand not found'") if is_inplace_output_writer(layer, outputs) else None,
-                  "outputs-out-of-place"))
+             output_writer_rule("its converter stops with 'operand ... not found'"))
     requirements = ("tpu-mlir==1.30.2", "protobuf==3.20.3", "numpy<1.28", "onnx==1.14.1", "onnxruntime==1.16.3",
                     "psutil", "tqdm", "torch")
     not_runnable = ("tpu-mlir publishes wheels for Python 3.10 only and this machine has Python 3.11; d2c lints "

@@ -155,7 +155,7 @@ def verify(model: str | Path, images: list[str | Path] | None = None, target: st
         ref_dets = darknet_detections(files.sidecar, weights, images or [], thresh, nms)
     from d2c.int8_heads import output_blobs
     blobs = output_blobs(files.sidecar) or _last_blob(files.prototxt)    # split heads: their three parts
-    outputs = {b: [b, *_writers(files.prototxt, b)] for b in blobs}
+    outputs = {b: [b] for b in blobs}     # the sidecar's names must be the toolchain's output names
     shapes = {b: list(ref_heads[0][b].shape[1:]) for b in blobs} if heads else {}
     start = time.perf_counter()
     x = np.stack(tensors)
@@ -200,13 +200,6 @@ def darknet_detections(sidecar: dict[str, Any], weights: str | Path, images: lis
     engine = "alexeyab" if sidecar.get("flavor") == "alexeyab" else "debian"
     with DarknetProcess(sidecar["cfg"], weights, engine=engine, batch=1) as net:
         return [net.detect(str(p), thresh=thresh, nms=nms) for p in images]
-
-
-def _writers(prototxt: Path, blob: str) -> list[str]:
-    """Layer names that write `blob`, last first (toolchains name outputs after a layer or a blob)."""
-    from d2c.caffe.proto import net_from_prototxt
-    net = net_from_prototxt(prototxt.read_text(), str(prototxt))
-    return [layer.name for layer in reversed(net.layers) if blob in layer.top]
 
 
 def _last_blob(prototxt: Path) -> list[str]:
