@@ -12,12 +12,22 @@ Found by running the engine (commit 59596d7, CPU) against d2c's train net, then 
   later layers (higher index, their backward ran first) had added to that delta is lost. Found on
   yolov4-tiny, where the gradient from the second head through `[route] layers=-4` never reaches
   layer 27. The Caffe side drops the same gradients (propagate_down false on those consumers).
+- forward_network clears a layer's delta before a training pass only when the layer has l.train,
+  which only the conv, batchnorm, maxpool and shortcut constructors set (the heads clear their own;
+  the GPU build clears every delta). A route's or upsample's delta therefore keeps everything it
+  ever received, and its backward hands its inputs the sum over the whole run, unless the next
+  layer is a convolution, whose col2im zeroes it anyway. Found on yolov4-tiny: every step after
+  the first moved the backbone's weights by 30-95% of their change away from the engine's, with
+  Caffe resynchronised to the engine's arrays before each step. The Caffe side inserts a
+  DarknetKeptDelta layer (identity forward, backward passes its running sum) between such a layer
+  and its readers.
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from d2c.caffe.proto import CaffeLayer
 from d2c.layers import REGISTRY
 from d2c.loss.params import dump_params
 
@@ -49,6 +59,7 @@ def emulate_alexeyab_cpu(graph: Any, conversion: Any) -> list[str]:
                 if block(j, conversion.emitter.blob(src)):
                     notes.append(f"conv layer {node.index} zeroes the delta of layer {src} (col2im_cpu_ext): "
                                  f"the gradient from layer {j} ({graph.nodes[j].kind}) is dropped")
+    notes += keep_deltas(graph, conversion, consumers)
     bn_prefixes: list[str] = []
     for layer in conversion.net.layers:
         python = layer.params.get("python_param") or {}
@@ -69,3 +80,71 @@ def emulate_alexeyab_cpu(graph: Any, conversion: Any) -> list[str]:
     if frozen:
         notes.append(f"{frozen} BN betas frozen: AlexeyAB's CPU backward never accumulates their gradient")
     return notes
+
+
+def kept_delta_nodes(graph: Any) -> list[int]:
+    """Nodes whose delta the engine never clears (and the next layer's col2im does not zero), that
+    have readers: their backward passes on the running sum of the whole run."""
+    kept = []
+    for node in graph.nodes:
+        if not REGISTRY[node.kind].keeps_delta(node, "alexeyab"):
+            continue
+        following = graph.nodes[node.index + 1] if node.index + 1 < len(graph.nodes) else None
+        if (following is not None and following.inputs[:1] == [node.index]
+                and REGISTRY[following.kind].overwrites_input_delta(following, "alexeyab")):
+            continue
+        kept.append(node.index)
+    return kept
+
+
+def keep_deltas(graph: Any, conversion: Any, consumers: dict[int, list[int]]) -> list[str]:
+    """Insert a DarknetKeptDelta layer between each kept-delta node's output and its readers.
+
+    Readers are the Caffe layers of the node's consumers that read its blob; a consumer without
+    layers of its own (a one-input route reuses the blob) passes the search to its consumers.
+    Deepest first, so an outer node's accumulator also feeds an inner one's."""
+    layers = conversion.net.layers
+    notes = []
+    for index in sorted(kept_delta_nodes(graph), reverse=True):
+        node = graph.nodes[index]
+        blob = conversion.emitter.blob(index)
+        readers: list[Any] = []
+
+        def collect(reader: int) -> None:
+            prefix = graph.nodes[reader].prefix
+            own = [layer for layer in layers if layer.name == prefix or layer.name.startswith(prefix + "_")]
+            hits = [layer for layer in own if blob in layer.bottom]
+            if hits:
+                readers.extend(hits)
+            elif not own and conversion.emitter.blob(reader) == blob:
+                for k in consumers.get(reader, []):
+                    collect(k)
+
+        for k in consumers.get(index, []):
+            collect(k)
+        if not readers:
+            continue
+        kept = f"{blob}_kept{index}"
+        for layer in readers:
+            layer.bottom = [kept if b == blob else b for b in layer.bottom]
+        first = min(layers.index(layer) for layer in readers)
+        layers.insert(first, CaffeLayer(f"{node.prefix}_kept", "Python", [blob], [kept], {
+            "python_param": {"module": "d2c.loss.caffe_layers", "layer": "DarknetKeptDelta",
+                             "param_str": str(index)}}))
+        notes.append(f"layer {index} ({node.kind}): its delta is never cleared on the CPU build, so its "
+                     "backward passes on the sum over all mini-batches")
+    return notes
+
+
+def resync_kept_deltas(dn: Any, net: Any, batch: int) -> None:
+    """Each DarknetKeptDelta's running sum := the engine's kept delta of that layer (Caffe's diff is
+    minus Darknet's delta over the mini-batch), so a step compared from the engine's state starts
+    from its accumulated route deltas too."""
+    import numpy as np
+
+    from d2c.loss.caffe_layers import DarknetKeptDelta
+
+    for layer in net.layers:
+        if isinstance(layer, DarknetKeptDelta):
+            theirs = np.asarray(dn.layer_delta(int(layer.param_str)), np.float32)
+            layer.kept = (-theirs / np.float32(batch)).astype(np.float32).reshape(layer.kept_shape)

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from d2c.augment_kernel import SourceImage, render, source_from_planar
 from d2c.errors import DatasetError, EngineError
 
 F32 = np.float32
@@ -322,23 +323,32 @@ class DetectionSample:
     params: AugmentParams
 
 
-def augment_detection(image: np.ndarray, boxes: np.ndarray, w: int, h: int, *,
+def augment_detection(image: np.ndarray | SourceImage, boxes: np.ndarray, w: int, h: int, *,
                       rng: np.random.Generator | RandSource | None = None, max_boxes: int = YOLO_MAX_BOXES,
                       jitter: float = 0.2, hue: float = 0.0, saturation: float = 1.0, exposure: float = 1.0,
-                      no_augment: bool = False) -> DetectionSample:
+                      no_augment: bool = False, out: np.ndarray | None = None) -> DetectionSample:
     """One image of pjreddie's load_data_detection: (3, oh, ow) image + (k, 5) class,x,y,w,h boxes.
 
     `rng` is required unless `no_augment`; the net size is (w, h); max_boxes is the last
     layer's `max` (90 for [yolo], 30 for [region]); jitter comes from that layer, hue,
-    saturation and exposure from [net].
+    saturation and exposure from [net]. The image may be a d2c.augment_kernel.SourceImage (decoded
+    once, e.g. cached); `out` (3, h, w) float32 receives the pixels (a batch row, a shared slot).
+    The pixels come from d2c.augment_kernel.render, the same floats as place_image,
+    distort_image and flip_image below.
     """
-    image = np.asarray(image, F32)
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise DatasetError(f"expected a (3, h, w) image, got shape {image.shape}")
+    if not isinstance(image, SourceImage):
+        image = np.asarray(image, F32)
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise DatasetError(f"expected a (3, h, w) image, got shape {image.shape}")
+        image = source_from_planar(image)
     if w <= 0 or h <= 0:
         raise DatasetError(f"net size must be positive, got {w}x{h}")
+    if out is None:
+        out = np.empty((3, h, w), F32)
+    elif out.shape != (3, h, w) or out.dtype != F32:
+        raise ValueError(f"out must be a ({3}, {h}, {w}) float32 array, got {out.shape} {out.dtype}")
     boxes = np.asarray(boxes, F32).reshape(-1, 5)
-    _, oh, ow = image.shape
+    oh, ow = image.h, image.w
     if no_augment:
         src: RandSource | None = None
         jitter, hue, saturation, exposure = 0.0, 0.0, 1.0, 1.0
@@ -367,18 +377,15 @@ def augment_detection(image: np.ndarray, boxes: np.ndarray, w: int, h: int, *,
     else:   # the centre of Darknet's U(0, slack) range
         dx = F32(F32(F32(w) - nw) / F32(2))
         dy = F32(F32(F32(h) - nh) / F32(2))
-    sized = np.full((3, h, w), FILL, F32)
-    place_image(image, int(nw), int(nh), int(dx), int(dy), sized)
     if src is not None:
         dhue = rand_uniform(src, -hue, hue)
         dsat = rand_scale(src, saturation)
         dexp = rand_scale(src, exposure)
     else:
         dhue, dsat, dexp = F32(0), F32(1), F32(1)
-    sized = distort_image(sized, dhue, dsat, dexp)
     flip = bool(src.rand() % 2) if src is not None else False
-    if flip:
-        sized = flip_image(sized)
+    # place_image on a 0.5 canvas, distort_image, flip_image (no draws happen in between)
+    render(image, out, int(nw), int(nh), int(dx), int(dy), dhue, dsat, dexp, flip)
     shuffled = randomize_boxes(boxes, src) if src is not None else boxes
     # fill_truth_detection(..., -dx/w, -dy/h, nw/w, nh/h) with the un-truncated float placement;
     # the -Ofast build multiplies by the float reciprocals 1/w and 1/h instead of dividing.
@@ -387,7 +394,7 @@ def augment_detection(image: np.ndarray, boxes: np.ndarray, w: int, h: int, *,
     truth = truth_record(corrected, max_boxes)
     params = AugmentParams(new_ar=float(new_ar), nw=float(nw), nh=float(nh), dx=float(dx), dy=float(dy),
                            hue=float(dhue), saturation=float(dsat), exposure=float(dexp), flip=flip)
-    return DetectionSample(image=sized, truth=truth, params=params)
+    return DetectionSample(image=out, truth=truth, params=params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,7 +421,7 @@ def detection_batch(samples: list, n: int, w: int, h: int, *,
     yourself (e.g. sequential batches with no_augment); `image_cache` (path -> decoded image)
     avoids decoding the same file twice.
     """
-    from d2c.image import load_image_rgb
+    from d2c.augment_kernel import load_source
     if not samples:
         raise DatasetError("no samples to build a batch from")
     src = None if rng is None else _source(rng)
@@ -435,12 +442,12 @@ def detection_batch(samples: list, n: int, w: int, h: int, *,
         if image_cache is not None and key in image_cache:
             image = image_cache[key]
         else:
-            image = load_image_rgb(sample.image_path)
+            image = load_source(sample.image_path)
             if image_cache is not None:
                 image_cache[key] = image
         one = augment_detection(image, sample.boxes, w, h, rng=src, max_boxes=max_boxes, jitter=jitter, hue=hue,
-                                saturation=saturation, exposure=exposure, no_augment=no_augment)
-        images[k], truth[k] = one.image, one.truth
+                                saturation=saturation, exposure=exposure, no_augment=no_augment, out=images[k])
+        truth[k] = one.truth
         params.append(one.params)
     return DetectionBatch(images=images, truth=truth, indices=np.array(chosen), params=params)
 
@@ -499,13 +506,15 @@ def plan_detection_batch(samples: list, n: int, rng: np.random.Generator | RandS
             for index in chosen]
 
 
-def render_planned(image: np.ndarray, sample: object, planned: PlannedImage, w: int, h: int, *,
+def render_planned(image: np.ndarray | SourceImage, sample: object, planned: PlannedImage, w: int, h: int, *,
                    max_boxes: int = YOLO_MAX_BOXES, jitter: float = 0.2, hue: float = 0.0,
-                   saturation: float = 1.0, exposure: float = 1.0, no_augment: bool = False) -> DetectionSample:
+                   saturation: float = 1.0, exposure: float = 1.0, no_augment: bool = False,
+                   out: np.ndarray | None = None) -> DetectionSample:
     """augment_detection of one planned image; every planned draw must be used (exactness check)."""
     src = ReplayRand(planned.draws)
     one = augment_detection(image, sample.boxes, w, h, rng=src, max_boxes=max_boxes,  # type: ignore[attr-defined]
-                            jitter=jitter, hue=hue, saturation=saturation, exposure=exposure, no_augment=no_augment)
+                            jitter=jitter, hue=hue, saturation=saturation, exposure=exposure, no_augment=no_augment,
+                            out=out)
     if src.used != len(planned.draws):
         raise ValueError(f"render_planned: {src.used} of {len(planned.draws)} planned draws used")
     return one

@@ -234,7 +234,7 @@ def bench_loader(work: Path, opts: BenchOptions) -> dict[str, Any]:
     from d2c.loader_bench import measure_loader
     try:
         return measure_loader(work, cores=opts.threads, tiny_weights=TINY_WEIGHTS if TINY_WEIGHTS.is_file() else None,
-                              share=not opts.quick)
+                              share=not opts.quick, pairs=1 if opts.quick else 5, photos=not opts.quick)
     except (D2CError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
         return {"reason": f"loader bench failed: {exc}"}
 

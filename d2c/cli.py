@@ -55,6 +55,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default="caffe", choices=sorted(TARGETS),
                    help="deploy toolchain the model must load in: lints d2c's net against its importer and "
                         "applies exact rewrites for what it lacks (default: caffe, the plain stock output)")
+    p.add_argument("--split-heads", action="store_true",
+                   help="int8-friendly [yolo] heads: each split by stock layers into x/y (after the logistic), "
+                        "w/h and objectness+classes (after the logistic), so each gets its own int8 scale")
     p.set_defaults(func=_run_convert)
 
 
@@ -64,7 +67,7 @@ def _run_convert(args: argparse.Namespace) -> int:
                       continue_on_error=args.continue_on_error, allow_trailing=args.allow_trailing,
                       seed=args.seed, train=args.train, bn=args.bn, batch=args.batch, progress=True,
                       name=args.name, names=args.names, data=args.data,
-                      max_iter=args.max_iter, target=args.target)
+                      max_iter=args.max_iter, target=args.target, split_heads=args.split_heads)
     for w in rep.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"d2c convert: {args.cfg}" + (f" + {args.weights}" if args.weights else " (random weights, seed "
@@ -154,6 +157,8 @@ MODULE_COMMANDS = [
     ("verify", "d2c.targets.verify", "run a converted model in a deploy toolchain (OpenVINO, MNN, RKNN, ...) and "
                                      "compare heads and detections"),
     ("shapes", "d2c.shapes", "write the seeded demo detection dataset (coloured shapes) in Darknet's layout"),
+    ("quantize", "d2c.quantize", "int8 on an NPU toolchain (RKNN) calibrated from the Darknet dataset, with "
+                                 "per-layer analysis and an automatic fp16 fallback until it agrees with Darknet"),
 ]
 
 

@@ -21,6 +21,7 @@ from d2c.darknet.weights import WeightsHeader, random_weights, read_weights
 from d2c.errors import CfgError, D2CError, ParamError, WeightsError
 from d2c.fsutil import atomic_write_text, staged_outputs
 from d2c.layers import REGISTRY
+from d2c.preprocess import make_contract
 
 SIDECAR_VERSION = 1
 
@@ -88,6 +89,8 @@ def make_sidecar(graph: Graph, em: Emitter, header: WeightsHeader) -> dict[str, 
         "flavor": graph.flavor,
         "input": {"name": "data", "channels": graph.net.channels, "height": graph.net.height,
                   "width": graph.net.width, "letter_box": graph.net.section.get_int("letter_box", 0)},
+        "preprocess": make_contract(graph.net.width, graph.net.height, graph.net.channels, graph.flavor,
+                                    graph.net.section.get_int("letter_box", 0), [h.kind for h in em.heads]),
         "bn": {"mode": "folded" if em.options.fold_bn else
                ("pjreddie sqrt(var)+1e-6" if graph.flavor == "pjreddie" else "alexeyab sqrt(var+1e-5)")},
         "fold_bn": em.options.fold_bn,
@@ -121,7 +124,8 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
             allow_trailing: bool = False, seed: int = 0, train: bool = False, bn: str = "exact",
             batch: int | None = None, progress: bool = False, name: str | None = None,
             names: str | Path | None = None, data: str | Path | None = None,
-            max_iter: int | None = None, target: str = "caffe") -> ConvertReport:
+            max_iter: int | None = None, target: str = "caffe",
+            split_heads: bool = False) -> ConvertReport:
     """Convert and write OUT/<stem>.prototxt, .caffemodel, .json (and the train net with `train`).
 
     `names`: a class names file, checked against the class count and recorded in the sidecar so
@@ -129,6 +133,7 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
     net's data layer reads; `max_iter`: the solver's, instead of max_batches minus seen. `target`: a
     deploy toolchain (d2c.targets) whose importer the deploy net must satisfy: its lint runs first, exact
     rewrites replace what it lacks, a layer with no exact form is an error naming its cfg line.
+    `split_heads`: int8-friendly [yolo] heads (d2c.int8_heads), three outputs per head.
     """
     from d2c.targets import get_target
     get_target(target)
@@ -149,6 +154,11 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
         conv = build_conversion(graph, arrays, header, options, name=stem, progress=progress)
     except WeightsError as exc:  # values the converters refuse (e.g. negative BN variance)
         raise WeightsError(f"{weights_path or 'random weights'}: {exc}", exc.problems) from None
+    if split_heads:
+        if train:
+            raise D2CError("--split-heads rewrites the deploy net only; convert without --train")
+        from d2c.int8_heads import split_heads as split
+        conv.net, conv.sidecar = split(conv.net, conv.sidecar)
     class_names = None
     if names is not None:
         from d2c.detect import class_names as read_names
@@ -186,7 +196,8 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
     except OSError as exc:
         raise D2CError(f"{out}: cannot write the converted model: "
                        f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}") from None
-    outputs = [h.blob for h in conv.emitter.heads]
+    from d2c.int8_heads import output_blobs
+    outputs = output_blobs(conv.sidecar)
     return ConvertReport(prototxt=files["prototxt"], caffemodel=files["caffemodel"], sidecar=files["sidecar"],
                          layers=len(graph.nodes), caffe_layers=len(conv.net.layers), params=graph.param_count(),
                          outputs=outputs, seconds=time.perf_counter() - start, warnings=conv.warnings,
@@ -195,10 +206,13 @@ def convert(cfg_path: str | Path, weights_path: str | Path | None, out_dir: str 
 
 
 def header_comment(conv: Conversion) -> str:
+    from d2c.int8_heads import output_blobs
     g = conv.graph
+    split = any(h.get("split") for h in conv.sidecar.get("heads") or [])
     lines = [f"# Converted by d2c from {Path(g.cfg.path).name} ({g.flavor} Darknet semantics: {g.flavor_reason}).",
              f"# Outputs: raw inputs of the detection heads, in cfg order: "
-             f"{', '.join(h.blob for h in conv.emitter.heads) or '(none)'}.",
+             f"{', '.join(output_blobs(conv.sidecar)) or '(none)'}"
+             f"{' (int8-friendly split heads: x/y and objectness+classes after the logistic)' if split else ''}.",
              "# Decode with `d2c detect` using the JSON sidecar beside this file."]
     return "\n".join(lines) + "\n"
 

@@ -116,11 +116,13 @@ def _head_input(outputs: dict[str, np.ndarray], head: dict[str, Any]) -> np.ndar
     return raw
 
 
-def _decode_yolo(raw: np.ndarray, p: YoloParams, thresh: F32) -> _Batch:
-    """get_yolo_detections: cell-major (row, col, anchor) for objectness > thresh."""
+def _decode_yolo(raw: np.ndarray, p: YoloParams, thresh: F32, activated: bool = False) -> _Batch:
+    """get_yolo_detections: cell-major (row, col, anchor) for objectness > thresh. `activated`: `raw`
+    is already forward_yolo_layer's output (a split head rebuilt by d2c.int8_heads.merge_split)."""
     classes, n = p.classes, p.n
-    _, lh, lw = raw.shape
-    out = yolo_activate(raw.reshape(n, 5 + classes, lh, lw).copy(), p.flavor, p.scale_x_y, p.new_coords)
+    lh, lw = raw.shape[-2:]
+    grid = raw.reshape(n, 5 + classes, lh, lw)
+    out = grid if activated else yolo_activate(grid.copy(), p.flavor, p.scale_x_y, p.new_coords)
 
     # (cell, anchor) order: transpose the anchor axis inside the cell axis.
     flat = out.reshape(n, 5 + classes, lh * lw).transpose(2, 0, 1)     # (cells, n, entries)
@@ -179,14 +181,18 @@ def decode_heads(outputs: dict[str, np.ndarray], sidecar: dict[str, Any], im_w: 
     alloc = int(heads[-1]["classes"])
     dets: list[Detection] = []
     for position, head in enumerate(heads):
-        raw = _head_input(outputs, head)
+        if head.get("split"):    # an int8-friendly split head: the parts, the logistic already applied
+            from d2c.int8_heads import merge_split
+            raw = merge_split(outputs, head, "alexeyab" if alexeyab else "pjreddie")
+        else:
+            raw = _head_input(outputs, head)
         if head["kind"] not in ("yolo", "region"):
             raise D2CError(f"cannot decode a '{head['kind']}' head")
         if head.get("tree") or head.get("map"):
             raise D2CError("hierarchical (YOLO9000) region heads are not supported by d2c detect")
         p = decode_params(head["kind"], head, net_w, net_h, "alexeyab" if alexeyab else "pjreddie")
         if head["kind"] == "yolo":
-            batch = _decode_yolo(raw, p, thresh32)
+            batch = _decode_yolo(raw, p, thresh32, activated=bool(head.get("split")))
         else:
             batch = _decode_region(raw, p, thresh32)
         width = batch.probs.shape[1]
@@ -349,15 +355,16 @@ def load_model_files(model: str | Path) -> ModelFiles:
     return ModelFiles(prototxt=prototxt, caffemodel=caffemodel, sidecar_path=sidecar_path, sidecar=sidecar)
 
 
-def _output_layers(prototxt: Path, blobs: list[str]) -> list[str]:
-    """OpenCV's forward() wants layer names: the last layer writing each head blob."""
+def _output_layers(prototxt: Path, blobs: list[str]) -> list[tuple[str, int]]:
+    """OpenCV addresses outputs by layer: (the last layer writing each head blob, its top index),
+    since a Slice writes several outputs and `forward(name)` gives only the first."""
     from d2c.caffe.proto import parse_prototxt
     net = parse_prototxt(prototxt.read_text(encoding="utf-8"), str(prototxt))
-    writer: dict[str, str] = {}
+    writer: dict[str, tuple[str, int]] = {}
     for layer in net.get("layer", []):
-        for top in layer.get("top", []):
-            writer[top] = layer.get("name", top)
-    return [writer.get(b, b) for b in blobs]
+        for position, top in enumerate(layer.get("top", [])):
+            writer[top] = (layer.get("name", top), position)
+    return [writer.get(b, (b, 0)) for b in blobs]
 
 
 def check_model_files(prototxt: Path, caffemodel: Path) -> None:
@@ -381,7 +388,8 @@ class Engine:
             raise D2CError(f"unknown engine '{engine}'; choose from {', '.join(ENGINES)}")
         self.files = files
         self.engine = engine
-        self.blobs = [h["blob"] for h in files.sidecar["heads"]]
+        from d2c.int8_heads import output_blobs
+        self.blobs = output_blobs(files.sidecar)
         self.input_name = files.sidecar["input"].get("name", "data")
         check_model_files(files.prototxt, files.caffemodel)
         try:
@@ -411,8 +419,10 @@ class Engine:
                 self._net.forward()
                 return {b: np.array(self._net.blobs[b].data, dtype=F32, copy=True) for b in self.blobs}
             self._net.setInput(batch, self.input_name)
-            outs = self._net.forward(self._layers)
-            return {b: np.array(o, dtype=F32, copy=True) for b, o in zip(self.blobs, outs, strict=True)}
+            names = list(dict.fromkeys(name for name, _ in self._layers))
+            per_layer = dict(zip(names, self._net.forwardAndRetrieve(names), strict=True))
+            return {b: np.array(per_layer[name][position], dtype=F32, copy=True)
+                    for b, (name, position) in zip(self.blobs, self._layers, strict=True)}
         except Exception as exc:
             raise EngineError(f"{self.engine} forward failed on {self.files.prototxt}: {exc}") from None
 

@@ -25,6 +25,11 @@ def load_image_rgb(path: str | Path) -> np.ndarray:
     (float64 division, then one rounding). Darknet silently substitutes a black 10x10 image
     for unreadable files; we refuse instead, naming the file.
     """
+    return bgr_bytes_to_rgb_planar(decode_bgr(path))
+
+
+def decode_bgr(path: str | Path) -> np.ndarray:
+    """The (h, w, 3) uint8 BGR decode load_image_rgb starts from (unreadable files refused, named)."""
     from d2c.engines import import_cv2
     cv2 = import_cv2()
     p = Path(path)
@@ -38,7 +43,7 @@ def load_image_rgb(path: str | Path) -> np.ndarray:
     bgr = cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
     if bgr is None:
         raise DatasetError(f"{p}: not an image OpenCV can decode")
-    return bgr_bytes_to_rgb_planar(bgr)
+    return bgr
 
 
 def bgr_bytes_to_rgb_planar(bgr: np.ndarray) -> np.ndarray:

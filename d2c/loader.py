@@ -84,10 +84,11 @@ def _worker(jobs: Connection, done: Connection, parent: int, samples: list, sett
         # that deadlocks there (seen as a hung worker after any threaded cv2 call in the parent).
         cv2.setNumThreads(0)
     from d2c.augment import render_planned
-    from d2c.image import load_image_rgb
+    from d2c.augment_kernel import SourceImage, keep_freed_memory, load_source
 
+    keep_freed_memory()
     images, truths = _slot_views(buffer, slots, settings)
-    cache: dict[str, np.ndarray] = {}
+    cache: dict[str, SourceImage] = {}
     cached = 0
     s = settings
     while True:
@@ -103,13 +104,13 @@ def _worker(jobs: Connection, done: Connection, parent: int, samples: list, sett
             key = str(sample.image_path)
             image = cache.get(key)
             if image is None:
-                image = load_image_rgb(sample.image_path)
+                image = load_source(sample.image_path)
                 if cached < WORKER_CACHE_BYTES:
                     cache[key] = image
                     cached += image.nbytes
             one = render_planned(image, sample, planned, s.width, s.height, max_boxes=s.loader_boxes, jitter=s.jitter,
-                                 hue=s.hue, saturation=s.saturation, exposure=s.exposure, no_augment=s.no_augment)
-            images[slot, position] = one.image
+                                 hue=s.hue, saturation=s.saturation, exposure=s.exposure, no_augment=s.no_augment,
+                                 out=images[slot, position])
             truths[slot, position] = 0
             truths[slot, position, :one.truth.size] = one.truth
             done.send((slot, position, None))

@@ -54,19 +54,32 @@ PARITY_REPORT = {
     "description": "Real Darknet vs Caffe on the same cfg, weights, images and truth. Relative errors are "
                    "max|a-b| / max|reference|. Also `d2c.parity(...).to_json()`.",
     "type": "object",
-    "required": ["ok", "cfg", "weights", "batch", "subdivisions", "bn", "darknet_compat", "forward", "loss",
-                 "grad", "update", "emulated_defects", "tolerances", "seconds"],
+    "required": ["ok", "cfg", "weights", "batch", "subdivisions", "bn", "darknet_compat", "checks", "forward",
+                 "loss", "grad", "update", "emulated_defects", "tolerances", "seconds"],
     "properties": {
-        "ok": {"type": "boolean", "description": "every figure within `tolerances` (also the exit status)"},
+        "ok": {"type": "boolean", "description": "every check within its bound (also the exit status)"},
+        "checks": {"type": "array", "description": "one row per check, as printed: the value and the bound derived "
+                                                   "for this run (d2c.tolerances)",
+                   "items": {"type": "object", "required": ["name", "value", "bound", "ok"],
+                             "properties": {"name": STR, "value": NUMBER, "bound": NUMBER, "ok": {"type": "boolean"},
+                                            "at_least": {"type": "boolean", "description": "the value must reach "
+                                                         "the bound (the learned change in ulps)"},
+                                            "where": {**STR, "description": "the worst element of a group"}}}},
+        "net_defaults": {"type": "object", "additionalProperties": STR,
+                         "description": "[net] keys parity set itself (burn_in=0 unless --set)"},
         "cfg": STR, "weights": STR, "batch": INT, "subdivisions": INT,
         "bn": {"enum": ["exact", "stock", "frozen"], "description": "Caffe-side BatchNorm mode"},
         "darknet_compat": {"type": "boolean", "description": "Debian Darknet's CPU defects emulated on the Caffe side"},
         "forward": {"type": "object", "description": "per-layer forward comparison; max_rel is the worst layer"},
-        "loss": {"type": "object", "description": "loss per mini-batch; rel is the worst relative difference"},
-        "grad": {"type": "object", "description": "head gradients: max_abs, max_rel"},
-        "update": {"type": "object", "description": "learned arrays and BN statistics after the steps"},
+        "loss": {"type": "object", "description": "loss per mini-batch (each with its bound); rel is the worst "
+                                                  "relative difference, bound the bound of the worst mini-batch"},
+        "grad": {"type": "object", "description": "head gradients: max_abs, max_rel, and per check its value and bound"},
+        "update": {"type": "object",
+                   "description": "every learned array, accumulator and BN statistic after each step (each row with "
+                                  "its bound); largest_change is the largest learned step (absent with --steps 0)"},
         "emulated_defects": {"type": "array", "items": STR},
-        "tolerances": {"type": "object", "additionalProperties": NUMBER},
+        "tolerances": {"type": "object", "additionalProperties": NUMBER,
+                       "description": "the fixed ceilings every derived bound is capped by"},
         "seconds": NUMBER,
     },
 }

@@ -72,6 +72,7 @@ from typing import Any
 
 import numpy as np
 
+from d2c.augment_kernel import SourceImage
 from d2c.errors import D2CError, DatasetError, NumericError, UnsupportedLayerError
 from d2c.fsutil import atomic_write, atomic_write_text, fsync_dir, fsync_file
 
@@ -239,11 +240,11 @@ class BatchSource:
         self.loader_boxes = min(loader_boxes, record_boxes)
         self.jitter, self.hue, self.saturation, self.exposure = jitter, hue, saturation, exposure
         self.no_augment = no_augment
-        self.cache: dict[str, np.ndarray] = {}
+        self.cache: dict[str, SourceImage] = {}   # decoded files (d2c.augment_kernel)
         self._cached_bytes = 0
         self.last_indices: np.ndarray | None = None
 
-    def _bounded_cache(self) -> dict[str, np.ndarray] | None:
+    def _bounded_cache(self) -> dict[str, SourceImage] | None:
         return self.cache if self._cached_bytes < IMAGE_CACHE_BYTES else None
 
     def next(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -868,7 +869,7 @@ class Trainer:
         from d2c.parity import caffe_arrays
 
         samples, _problems = load_split(self.spec, split, classes=self.classes, skip_bad=True)
-        detector = CaffeDetector.from_arrays(self.base_graph, caffe_arrays(self.net, self.base_graph))
+        detector = CaffeDetector.from_arrays(self.base_graph, caffe_arrays(self.net, self.conversion))
         names = None
         with contextlib.suppress(D2CError):
             names = self.spec.names(self.classes)

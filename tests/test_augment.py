@@ -241,3 +241,62 @@ def test_bad_arguments() -> None:
         augment_detection(np.zeros((4, 4), F32), np.zeros((0, 5), F32), 8, 8, no_augment=True)
     with pytest.raises(ValueError, match="needs an rng"):
         augment_detection(np.zeros((3, 4, 4), F32), np.zeros((0, 5), F32), 8, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused kernel against the step-by-step reference functions
+# --------------------------------------------------------------------------------------------
+
+def _reference_render(im: np.ndarray, H: int, W: int, nw: int, nh: int, dx: int, dy: int, hue, sat, val,
+                      flip: bool) -> np.ndarray:
+    from d2c.augment import FILL, flip_image, place_image
+    sized = np.full((3, H, W), FILL, F32)
+    place_image(im, nw, nh, dx, dy, sized)
+    sized = distort_image(sized, hue, sat, val)
+    return flip_image(sized) if flip else sized
+
+
+def test_kernel_equals_the_reference_functions_bit_for_bit() -> None:
+    """Random sizes, offsets (also off the canvas), same-size axes, byte-valued and grey/black
+    patches, hue shifts either way and none, both mirror states: every float identical."""
+    from d2c.augment_kernel import render, source_from_bgr, source_from_planar
+    rng = np.random.default_rng(0)
+    for trial in range(240):
+        ih, iw = (int(v) for v in rng.integers(5, 120, 2))
+        im = rng.random((3, ih, iw), dtype=F32)
+        if trial % 3 == 0:
+            im = (np.round(im * 255) / 255).astype(F32)
+            im[:, : ih // 3, : iw // 3] = im[0, : ih // 3, : iw // 3]     # grey
+        if trial % 5 == 0:
+            im[:, ih // 2:, iw // 2:] = 0                                  # black
+        H, W = (int(v) for v in rng.integers(8, 100, 2))
+        nw, nh = (int(v) for v in rng.integers(1, 140, 2))
+        nw = iw if trial % 4 == 1 else nw                                  # the image keeps its width
+        nh = ih if trial % 8 in (1, 2) else nh
+        dx, dy = (int(v) for v in rng.integers(-20, 60, 2))
+        hue = F32(rng.uniform(-0.5, 0.5)) if trial % 7 else F32(0)
+        sat, val = F32(rng.uniform(0.5, 1.6)), F32(rng.uniform(0.5, 1.6))
+        flip = bool(trial % 2)
+        want = _reference_render(im, H, W, nw, nh, dx, dy, hue, sat, val, flip)
+        got = np.empty((3, H, W), F32)
+        render(source_from_planar(im), got, nw, nh, dx, dy, hue, sat, val, flip)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"trial {trial}")
+        if trial % 3 == 0:                  # byte-valued: the decoded-file source (bytes) gives the same
+            bgr = np.ascontiguousarray(np.round(im * 255).astype(np.uint8)[::-1].transpose(1, 2, 0))
+            render(source_from_bgr(bgr), got, nw, nh, dx, dy, hue, sat, val, flip)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"bytes {trial}")
+
+
+def test_kernel_hue_edge_cases() -> None:
+    """Ties between channels, grey and black, and a red pixel whose hue rounds to exactly 1
+    (Darknet's index 6 falls to its last case with f = 0)."""
+    from d2c.augment_kernel import distort_into
+    px = [(1.0, 0.0, 1e-8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.4), (0, 0, 0), (0.3, 0.2, 0.3), (1.0, 1.0, 0.5),
+          (0.25, 0.75, 0.75), (1.0, 0.5, float(np.nextafter(F32(0.5), F32(1)))), (0.2, 0.9, 0.2), (0.1, 0.2, 0.9)]
+    x = np.array(px, F32).T[:, None, :]
+    for hue in (0.0, 0.1, -0.1, 1e-9, -0.5):
+        for sat, val in ((1.3, 0.8), (1.5, 1.5), (0.6, 1.0)):
+            got = np.empty_like(x)
+            distort_into(x.copy(), got, F32(hue), F32(sat), F32(val))
+            want = distort_image(x, F32(hue), F32(sat), F32(val))
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"{hue} {sat} {val}")

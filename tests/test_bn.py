@@ -96,6 +96,9 @@ def test_normalize_and_rolling_update_formulas():
     ab = bn.normalize(x, mean, var, "alexeyab")
     np.testing.assert_allclose(ab, (x - mean.reshape(1, -1, 1, 1)) / np.sqrt(var + 1e-5).reshape(1, -1, 1, 1),
                                rtol=1e-6, atol=0)
+    want_ab = ((x - mean.reshape(1, -1, 1, 1)).astype(F32).astype(F64)
+               / np.sqrt((var + F32(1e-5)).astype(F32).astype(F64)).reshape(1, -1, 1, 1)).astype(F32)
+    np.testing.assert_array_equal(ab, want_ab)
     r = np.array([1.0, 2.0, 3.0], F32)
     v = np.array([0.1, 0.2, 0.3], F32)
     np.testing.assert_array_equal(bn.rolling_update(r, v), (r * F32(0.99)).astype(F32) + (F32(0.01) * v).astype(F32))

@@ -80,6 +80,7 @@ MISTAKES: dict[str, tuple[str, list[str]]] = {
     "detect: -o an existing file, two images": ("detect {model-good} {dog.jpg} {dog.jpg} -o {existing.png}",
                                                 ["existing.png", "is an existing file", "folder"]),
     "parity: --json a directory": ("parity {good.cfg} --json {folder}", ["--json", "is a directory"]),
+    "parity: --plot a directory": ("parity {good.cfg} --plot {folder}", ["--plot", "is a directory"]),
     "detect: a classifier": ("detect {model-classifier} {dog.jpg}", ["no detection head", "classifier"]),
     "detect: names count": ("detect {model-good} {dog.jpg} --names " + str(DATA / "voc.names"),
                             ["voc.names", "20 class name(s)", "1 classes"]),
@@ -129,7 +130,7 @@ MISTAKES: dict[str, tuple[str, list[str]]] = {
     "detect: --json and --jsonl": ("detect {model-good} {dog.jpg} --json --jsonl", ["not allowed with"]),
     "detect: unknown engine": ("detect {model-good} {dog.jpg} --engine tensorrt", ["invalid choice"]),
     # --- parity
-    "parity: cfg without heads": ("parity {classifier.cfg}", ["[yolo] or [region]"]),
+    "parity: cfg without heads": ("parity {classifier.cfg}", ["heads all have a training loss"]),
     "parity: bad --set": ("parity {good.cfg} --set burn_in", ["--set", "KEY=VALUE"]),
     "parity: --batch 0": ("parity {good.cfg} --batch 0", ["must be >= 1"]),
     "parity: --json under a file": ("parity {good.cfg} --json {dog.jpg}/r.json", ["is a file"]),
@@ -145,6 +146,17 @@ MISTAKES: dict[str, tuple[str, list[str]]] = {
     "bench: missing cfg": ("bench {dir}/nope.cfg", ["no such cfg file"]),
     "bench: --json a directory": ("bench {good.cfg} --json {folder}", ["--json", "is a directory"]),
     "unknown command": ("detekt {model-good} {dog.jpg}", ["invalid choice", "detect"]),
+    # --- int8: split heads and quantize (all refused before any toolchain runs)
+    "convert: --split-heads on YOLOv1": ("convert {yolov1.cfg} --split-heads -o {dir}/o",
+                                         ["only [yolo] heads can be split", "[detection]"]),
+    "convert: --split-heads --train": ("convert {good.cfg} --split-heads --train -o {dir}/o",
+                                       ["--split-heads", "without --train"]),
+    "quantize: missing model": ("quantize {dir}/nope --data {folder}", ["no such model directory"]),
+    "quantize: missing .data": ("quantize {model-good} --data {dir}/nope.data", ["nope.data", "no such .data file"]),
+    "quantize: folder without images": ("quantize {model-good} --data {empty-folder}", ["no images"]),
+    "quantize: list names a missing image": ("quantize {model-good} --data {list.txt}", ["list.txt:2", "nope.jpg"]),
+    "quantize: --max-fp16 -1": ("quantize {model-good} --data {dog.jpg} --max-fp16 -1", ["--max-fp16 -1"]),
+    "quantize: no --data": ("quantize {model-good}", ["required", "--data"]),
 }
 
 

@@ -18,19 +18,35 @@ SMALL = (96, 96)
 MOVING = {"burn_in": "0", "learning_rate": "0.001"}   # weights really move in one step
 
 
-def test_yolov3_tiny_real_weights_with_burn_in(tmp_path: Path, capsys) -> None:
-    """The issue's target case: real weights, b=2, several steps inside burn_in."""
+def test_yolov3_tiny_real_weights(tmp_path: Path, capsys) -> None:
+    """Real weights, b=2, several steps with parity's burn_in=0: every check has a bound beside it."""
     code = main(["parity", str(CFG / "yolov3-tiny.cfg"), str(TINY_WEIGHTS), "--batch", "2", "--steps", "3",
-                 "--size", "160", "160", "--json", str(tmp_path / "p.json")])
+                 "--size", "160", "160", "--json", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png")])
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "p.json").read_text())
     assert code == 0, out
-    assert report["ok"] and report["tolerances"] == TOLERANCES
-    assert report["loss"]["rel"] <= 1e-6
-    assert report["grad"]["max_rel"] <= 1e-5
-    assert report["update"]["max_abs"] <= 1e-5 and report["update"]["seen_darknet"] == 6
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["ok"] and report["tolerances"] == TOLERANCES and report["net_defaults"] == {"burn_in": "0"}
+    checks = {c["name"]: c for c in report["checks"]}
+    assert {"forward", "loss", "layer 16 delta", "layer 16 delta formula", "layer 23 propagated", "update",
+            "momentum", "BN statistics", "learned change (ulps)"} <= set(checks)
+    for check in checks.values():
+        assert check["ok"] and check["bound"] > 0, check
+    assert checks["layer 16 delta formula"]["value"] <= 1.0          # d2c's loss on Darknet's input: exact
+    assert report["loss"]["rel"] <= report["loss"]["bound"] <= TOLERANCES["loss_rel"]
+    assert report["update"]["largest_change"] > 1e-3 and report["update"]["seen_darknet"] == 6
     assert len(report["forward"]["layers"]) == 24
-    assert "layer" in out and "OK" in out
+    assert "burn_in=0 (parity's default" in out and "<=" in out and "OK" in out
+
+
+def test_burn_in_restored_makes_the_update_check_vacuous_and_fail(capsys) -> None:
+    """--set burn_in=1000 (the cfg's): the rate is ~1e-12, the weights move by less than an ulp, and
+    parity says so instead of passing an update check that compared nothing."""
+    code = main(["parity", str(CFG / "yolov3-tiny.cfg"), str(TINY_WEIGHTS), "--batch", "1", "--steps", "2",
+                 "--size", "96", "96", "--set", "burn_in=1000"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "vacuous update" in out and "burn_in=0" not in out
 
 
 def test_yolov3_tiny_update_with_moving_weights() -> None:
@@ -39,6 +55,7 @@ def test_yolov3_tiny_update_with_moving_weights() -> None:
     assert report.ok, parity.format_report(report)
     moved = max(row["moved"] for row in report.update["arrays"] if row["array"] == "weights")
     assert moved > 1e-3, "the comparison must see real updates"
+    assert report.update["largest_change"] >= moved
 
 
 def test_region_head_with_darknet_compat() -> None:
@@ -52,7 +69,7 @@ def test_region_head_with_darknet_compat() -> None:
 
 def test_darknet53_one_by_one_overwrite_is_emulated() -> None:
     report = run_parity(CFG / "yolov3.cfg", None, batch=2, steps=0, size=SMALL)
-    assert len([n for n in report.emulated_defects if "1x1 conv" in n]) == 23
+    assert len([n for n in report.emulated_defects if "overwrites the delta" in n]) == 23
     assert report.loss["rel"] <= TOLERANCES["loss_rel"]
 
 

@@ -27,7 +27,7 @@ from d2c.darknet.runtime import DarknetProcess
 from d2c.darknet.weights import WeightsHeader, random_weights, read_weights, write_weights
 from d2c.detect import Engine, detections_to_json, load_model_files
 from d2c.errors import D2CError, DatasetError, NumericError
-from d2c.metrics import (CaffeDetector, average_precision, evaluate, iou_xywh, map_on_list,
+from d2c.metrics import (CaffeDetector, average_precision, evaluate, iou_xywh, map_on_list, map_on_samples,
                          predictions_from_detections)
 from d2c.parity import caffe_arrays
 from d2c.plots import _wants_log, plot_curves, plot_panels
@@ -328,13 +328,29 @@ def test_cli_nan_exit_code_2(dataset, tmp_path, monkeypatch, capsys) -> None:
 # Options, weights, data problems
 # --------------------------------------------------------------------------------------------
 
+def test_evaluate_map_reads_the_live_net(dataset, tmp_path) -> None:
+    """`train --map` scores the net's current arrays: the same as a detector built from those weights."""
+    from d2c.dataset import load_split
+    graph = load_graph(CFG)
+    full = random_weights(graph, 5)
+    write_weights(tmp_path / "w.weights", WeightsHeader(0, 2, 0, 0), graph, full)
+    trainer = Trainer(options(dataset, tmp_path / "run", weights=tmp_path / "w.weights"))
+    got = trainer.evaluate_map().to_json()
+    samples, _ = load_split(trainer.spec, "valid", classes=trainer.classes, skip_bad=True)
+    detector = CaffeDetector.from_arrays(graph, full)
+    want = map_on_samples(lambda p: detector.detect(p), samples, trainer.classes).to_json()
+    assert sum(c["detections"] for c in want["per_class"]) > 0      # the comparison sees boxes
+    assert [c["detections"] for c in got["per_class"]] == [c["detections"] for c in want["per_class"]]
+    np.testing.assert_allclose(got["map"], want["map"], rtol=0, atol=1e-12)
+
+
 def test_load_upto_is_darknet_partial_loading(dataset, tmp_path) -> None:
     graph = load_graph(CFG)
     full = random_weights(graph, 5)
     write_weights(tmp_path / "w.weights", WeightsHeader(0, 2, 0, 123456), graph, full)
     trainer = Trainer(options(dataset, tmp_path / "run", weights=tmp_path / "w.weights", load_upto=4))
     assert trainer.sgd.seen == 0        # like `darknet partial`
-    arrays = caffe_arrays(trainer.net, trainer.graph)
+    arrays = caffe_arrays(trainer.net, trainer.conversion)
     for index in (0, 2):               # loaded
         for name, value in full[index].items():
             np.testing.assert_array_equal(arrays[index][name], value)

@@ -40,6 +40,10 @@ class LayerConverter:
     caffe_layers: ClassVar[str] = ""
     #: True when only AlexeyAB's Darknet knows the section
     alexeyab_only: ClassVar[bool] = False
+    #: True when AlexeyAB's CPU build clears this layer's delta before each training pass: its
+    #: forward_network zeroes l.delta only where the layer's constructor set l.train (conv, batchnorm,
+    #: maxpool, shortcut), and the heads clear their own
+    alexeyab_clears_delta: ClassVar[bool] = False
 
     def build(self, sec: Section, graph: GraphBuilder) -> Node:
         """Read the section's keys, resolve inputs, infer the output shape, list the arrays."""
@@ -74,6 +78,25 @@ class LayerConverter:
         """True when this node's CPU backward in `engine` (pjreddie or alexeyab) assigns its input's
         delta instead of adding to it, dropping what later consumers added (emulated in parity)."""
         return False
+
+    def keeps_delta(self, node: Node, engine: str) -> bool:
+        """True when `engine`'s CPU training never clears this node's delta, so what its consumers
+        add there accumulates over every mini-batch of the run and its backward passes the running
+        sum on (AlexeyAB: route, upsample and the other sections without l.train; pjreddie clears
+        every delta in forward_network, as AlexeyAB's GPU build does)."""
+        return engine == "alexeyab" and not self.alexeyab_clears_delta
+
+    def backward_note(self, node: Node, engine: str) -> str:
+        """What this node's CPU backward in `engine` (pjreddie or alexeyab) does that Caffe's would
+        not and that d2c's train net already follows (reported by parity); '' when nothing."""
+        return ""
+
+    def routing_flips(self, node: Node, theirs: np.ndarray, ours: np.ndarray) -> int | None:
+        """For a node whose backward routes the gradient by a discrete choice made in the forward
+        (max pooling's argmax): how many choices differ between two engines' inputs `theirs` and
+        `ours` (b, c, h, w). A near tie flipped by a float-order difference sends a gradient to
+        another input: amplification, not a formula error. None: the node makes no such choice."""
+        return None
 
     def read_array(self, node: Node, spec: ParamArray, stored: np.ndarray, header: WeightsHeader) -> np.ndarray:
         """One array as the .weights file stores it (flat float32) -> its Darknet shape."""

@@ -52,6 +52,7 @@ def batchnorm_reference(x: np.ndarray, scales: np.ndarray, biases: np.ndarray, m
 @register
 class Batchnorm(LayerConverter):
     section = "batchnorm"
+    alexeyab_clears_delta = True
     keys = frozenset()
     summary = ("stand-alone BN; pjreddie (3 arrays, beta = 0) and AlexeyAB (4 arrays) files "
                "(Debian's Darknet itself segfaults on this layer: no l.x buffer)")

@@ -52,6 +52,7 @@ def fold_batchnorm(weights: np.ndarray, scales: np.ndarray, biases: np.ndarray, 
 @register
 class Convolutional(LayerConverter):
     section = "convolutional"
+    alexeyab_clears_delta = True
     keys = frozenset({"filters", "size", "stride", "stride_x", "stride_y", "pad", "padding", "groups",
                       "activation", "batch_normalize", "binary", "xnor", "flipped", "dot", "dilation",
                       "antialiasing", "share_index", "bin_output", "sway", "rotate", "stretch",

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @register
 class Detection(LayerConverter):
     section = "detection"
+    alexeyab_clears_delta = True
     keys = frozenset({"coords", "classes", "rescore", "num", "side", "softmax", "sqrt", "max", "coord_scale",
                       "forced", "object_scale", "noobject_scale", "class_scale", "jitter", "random", "reorg"})
     summary = "YOLOv1 head: raw output recorded with side/num/coords/classes for decoding"

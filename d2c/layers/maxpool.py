@@ -51,6 +51,7 @@ def plan_axis(size_in: int, size: int, stride: int, padding: int) -> tuple[int, 
 @register
 class Maxpool(LayerConverter):
     section = "maxpool"
+    alexeyab_clears_delta = True
     keys = frozenset({"size", "stride", "stride_x", "stride_y", "padding", "maxpool_depth",
                       "out_channels", "antialiasing", "maxpool_zero_nonmax"})
     summary = "any size/stride(_x/_y)/padding incl. size 2 stride 1 and SPP 5/9/13"
@@ -103,6 +104,10 @@ class Maxpool(LayerConverter):
                propagate_down=[True, False] if em.training else None)
         em.blob_of[node.index] = name
 
+    def routing_flips(self, node: Node, theirs: np.ndarray, ours: np.ndarray) -> int | None:
+        """Windows whose first maximum (Darknet's and Caffe's scan order) sits elsewhere in the two inputs."""
+        return int(np.count_nonzero(window_argmax(node, theirs) != window_argmax(node, ours)))
+
     @staticmethod
     def _reference(node: Node, em: Emitter, bottom: str) -> str:
         """A blob with Darknet's output H x W, for Crop's shape: the input itself or a cheap pool."""
@@ -129,3 +134,19 @@ def reference_window(size_in: int, stride: int, want: int) -> tuple[int, int]:
             if caffe_pool_out(size_in, kernel, stride, pad) == want:
                 return kernel, pad
     raise UnsupportedLayerError(f"no Caffe pooling yields {want} outputs from {size_in} at stride {stride}")
+
+
+def window_argmax(node: Node, x: np.ndarray) -> np.ndarray:
+    """Darknet's forward_maxpool_layer argmax per output (index inside the window, first strict
+    maximum in row-major order; positions outside the input count as -inf)."""
+    a = node.attrs
+    size, sy, sx = a["size"], a["stride_y"], a["stride_x"]
+    _, out_h, out_w = node.out_shape
+    b, c, h, w = x.shape
+    top = a["padding"] // 2
+    full_h, full_w = (out_h - 1) * sy + size, (out_w - 1) * sx + size
+    padded = np.full((b, c, max(full_h, top + h), max(full_w, top + w)), -np.inf, np.float32)
+    padded[:, :, top:top + h, top:top + w] = x
+    windows = np.lib.stride_tricks.sliding_window_view(padded[:, :, :full_h, :full_w], (size, size), axis=(2, 3))
+    windows = windows[:, :, ::sy, ::sx][:, :, :out_h, :out_w]
+    return np.argmax(windows.reshape(b, c, out_h, out_w, size * size), axis=-1)

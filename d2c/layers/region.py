@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @register
 class Region(LayerConverter):
     section = "region"
+    alexeyab_clears_delta = True
     keys = frozenset({"coords", "classes", "num", "softmax", "background", "log", "sqrt", "max", "jitter",
                       "rescore", "thresh", "classfix", "absolute", "random", "coord_scale", "object_scale",
                       "noobject_scale", "mask_scale", "class_scale", "bias_match", "tree", "map", "anchors"})
@@ -63,6 +64,10 @@ class Region(LayerConverter):
     def engine_arrays(self, l: Any, updates: bool, flavor: str) -> list[tuple[str, str, tuple[int, ...]]]:
         """The anchors (l.biases; not in .weights)."""
         return [] if updates else [("anchors", "biases", (2 * int(l.n),))]
+
+    def backward_note(self, node: Node, engine: str) -> str:
+        """Debian's backward_region_layer is empty on the CPU (its loss layer's darknet_compat flag)."""
+        return "Debian's CPU backward passes no gradient" if engine == "pjreddie" else ""
 
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
         emit_head(em, node)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @register
 class Shortcut(LayerConverter):
     section = "shortcut"
+    alexeyab_clears_delta = True
     keys = frozenset({"from", "activation", "alpha", "beta", "weights_type", "weights_normalization"})
     summary = "residual sum with activation, alpha/beta, several `from` and unequal channels (channel prefix)"
     caffe_layers = "Eltwise SUM [+ Crop/Slice/Concat for unequal channels] + activation"

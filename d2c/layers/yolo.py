@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @register
 class Yolo(LayerConverter):
     section = "yolo"
+    alexeyab_clears_delta = True
     keys = frozenset({"classes", "num", "mask", "anchors", "max", "jitter", "ignore_thresh", "truth_thresh",
                       "random", "map", "scale_x_y", "new_coords", "iou_loss", "iou_normalizer",
                       "obj_normalizer", "cls_normalizer", "delta_normalizer", "iou_thresh",

@@ -9,8 +9,8 @@ gradient of its own forward. The Caffe layer `DarknetBatchNorm` (defined in
 d2c.loss.caffe_layers so that converting never imports pycaffe) reproduces both; the stock
 Scale layer that follows it carries gamma/beta, so the Caffe pair equals one Darknet BN block.
 
-AlexeyAB (no runnable engine here): forward sqrt(var + 1e-5) in float, backward first term
-dy/(sqrt(var) + 1e-5). Its CPU build uses a 0.9/0.1 rolling factor, its GPU build 0.99/0.01;
+AlexeyAB (its CPU build, checked bit for bit in tests/test_alexeyab_bn.py): forward
+(x - mean) / sqrt(var + 1e-5f) with the division in double, backward first term dy/(sqrt(var) + 1e-5). Its CPU build uses a 0.9/0.1 rolling factor, its GPU build 0.99/0.01;
 the layer defaults to 0.99 for both flavors (param "momentum" changes it).
 
 Float fidelity (the Debian -Ofast build):
@@ -160,14 +160,16 @@ def batch_variance(x: np.ndarray, mean: np.ndarray, exact_sums: str = "auto") ->
 
 
 def normalize(x: np.ndarray, mean: np.ndarray, variance: np.ndarray, flavor: str) -> np.ndarray:
-    """normalize_cpu: pjreddie (x-mean)/(sqrt(var)+1e-6) in double; AlexeyAB /sqrtf(var+1e-5f)."""
+    """normalize_cpu: (x-mean) in float, divided in double by pjreddie's sqrt(var)+1e-6 or AlexeyAB's
+    sqrt(var+1e-5f) (the float sum widened; an all-float division is 1 ulp off in ~28% of the
+    elements of AlexeyAB's CPU build, measured on yolov7-tiny's 2.5M training-forward values)."""
     x = np.asarray(x, F32)
     mean_col = np.asarray(mean, F32)[:, None]
     var = np.asarray(variance, F32)[:, None]
     if flavor == "pjreddie":
         den = bn_denominator(var, flavor)
-    elif flavor == "alexeyab":   # the training forward: sqrtf of a float sum, in float
-        den = np.sqrt((var + F32(ALEXEYAB_EPS_INSIDE)).astype(F32)).astype(F32)
+    elif flavor == "alexeyab":   # sqrt of the float sum var + 1e-5f, in double
+        den = np.sqrt((var + F32(ALEXEYAB_EPS_INSIDE)).astype(F32).astype(F64))
     else:
         raise ParamError(f"normalize: flavor must be one of {FLAVORS}, got {flavor!r}")
     if x.ndim != 4:
@@ -176,10 +178,7 @@ def normalize(x: np.ndarray, mean: np.ndarray, variance: np.ndarray, flavor: str
     planes, out_planes = _planes(x), _planes(out)
     for n, a, z in _spatial_blocks(x):
         centred = (planes[n, :, a:z] - mean_col).astype(F32)
-        if flavor == "pjreddie":   # (x - mean) in float, divided in double
-            out_planes[n, :, a:z] = centred.astype(F64) / den
-        else:                      # AlexeyAB: all float
-            out_planes[n, :, a:z] = centred / den
+        out_planes[n, :, a:z] = centred.astype(F64) / den     # (x - mean) in float, divided in double
     return out
 
 

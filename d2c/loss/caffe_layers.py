@@ -1,4 +1,5 @@
-"""Thin caffe.Layer classes over the numpy references: YoloLoss, RegionLoss, DarknetBatchNorm.
+"""Thin caffe.Layer classes over the numpy references: YoloLoss, RegionLoss, DarknetBatchNorm
+(and DarknetKeptDelta, which parity's emulation of AlexeyAB's CPU training inserts).
 
 Why thin: every number comes from d2c.loss.yolo / region / bn, which are tested against the real
 Darknet; these classes only check blobs, parse the JSON param_str (d2c.loss.params schemas,
@@ -215,6 +216,34 @@ class DarknetBatchNorm(caffe.Layer):
             return
         x, mean, variance = self._saved
         bottom[0].diff[...] = bn_backward(dy, x, mean, variance, self.cfg["flavor"])
+
+
+class DarknetKeptDelta(caffe.Layer):
+    """Identity forward; backward passes on the running sum of every gradient it has received.
+
+    Why: AlexeyAB's CPU build never clears the delta of a route or upsample layer between training
+    passes, so what it hands its inputs is the sum over the whole run (d2c.alexeyab_cpu). Placed
+    between such a layer's output and its readers, out of place, this reproduces it in a train net.
+    """
+
+    def setup(self, bottom, top) -> None:
+        if len(bottom) != 1 or len(top) != 1:
+            raise ParamError(f"DarknetKeptDelta of layer {self.param_str}: needs one bottom and one top")
+        self.kept: np.ndarray | None = None
+
+    def reshape(self, bottom, top) -> None:
+        top[0].reshape(*bottom[0].data.shape)
+        self.kept_shape = tuple(bottom[0].data.shape)
+
+    def forward(self, bottom, top) -> None:
+        top[0].data[...] = bottom[0].data
+
+    def backward(self, top, propagate_down, bottom) -> None:
+        if self.kept is None or self.kept.shape != tuple(top[0].diff.shape):
+            self.kept = np.zeros(top[0].diff.shape, F32)
+        self.kept += top[0].diff
+        if propagate_down[0]:
+            bottom[0].diff[...] = self.kept
 
 
 def loss_layers(net) -> dict[str, _DetectionLoss]:

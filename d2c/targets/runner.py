@@ -32,7 +32,8 @@ def run_openvino(req: dict, x: np.ndarray) -> tuple[dict[str, np.ndarray], dict]
     mo = Path(sys.executable).parent / "mo"
     start = time.perf_counter()
     done = subprocess.run([str(mo), "--input_model", req["caffemodel"], "--input_proto", req["prototxt"],
-                           "--output_dir", str(work), "--model_name", "model", "--compress_to_fp16=False"],
+                           "--output_dir", str(work), "--model_name", "model", "--compress_to_fp16=False",
+                           *req.get("mo_args", [])],
                           capture_output=True, text=True)
     if done.returncode != 0:
         tail = [line for line in (done.stdout + done.stderr).splitlines() if "ERROR" in line] or \

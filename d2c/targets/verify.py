@@ -53,15 +53,17 @@ def model_findings(target: Target, prototxt: Path) -> list[str]:
 
 
 def run_toolchain(target: Target, prototxt: Path, caffemodel: Path, x: np.ndarray, outputs: dict[str, list[str]],
-                  shapes: dict[str, list[int]], timeout: float = 3600.0) -> tuple[dict[str, np.ndarray], dict]:
-    """Convert + run in the toolchain's venv; (blob -> (N, ...) float32, meta)."""
+                  shapes: dict[str, list[int]], timeout: float = 3600.0,
+                  extra: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Convert + run in the toolchain's venv; (blob -> (N, ...) float32, meta). `extra`: more request
+    keys (e.g. "mo_args", the preprocessing contract in Model Optimizer's terms)."""
     python = toolchain_python(target)
     with tempfile.TemporaryDirectory(prefix=f"d2c-{target.name}-") as tmp_s:
         tmp = Path(tmp_s)
         np.save(tmp / "x.npy", np.ascontiguousarray(x, dtype=np.float32))
         req = {"target": target.name, "prototxt": str(prototxt.resolve()), "caffemodel": str(caffemodel.resolve()),
                "work": str(tmp), "inputs": str(tmp / "x.npy"), "outputs": outputs, "shapes": shapes,
-               "result": str(tmp / "result.npz")}
+               "result": str(tmp / "result.npz"), **(extra or {})}
         (tmp / "request.json").write_text(json.dumps(req))
         try:
             done = subprocess.run([str(python), "-P", str(RUNNER), str(tmp / "request.json")], capture_output=True,
@@ -151,7 +153,8 @@ def verify(model: str | Path, images: list[str | Path] | None = None, target: st
         recording(np.random.default_rng(seed).uniform(0, 1, (c, h, w)).astype(np.float32))
     if weights is not None and loaded:
         ref_dets = darknet_detections(files.sidecar, weights, images or [], thresh, nms)
-    blobs = [h["blob"] for h in heads] or _last_blob(files.prototxt)
+    from d2c.int8_heads import output_blobs
+    blobs = output_blobs(files.sidecar) or _last_blob(files.prototxt)    # split heads: their three parts
     outputs = {b: [b] for b in blobs}     # the sidecar's names must be the toolchain's output names
     shapes = {b: list(ref_heads[0][b].shape[1:]) for b in blobs} if heads else {}
     start = time.perf_counter()
@@ -234,12 +237,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nms", type=float, default=0.45, help="NMS IoU (default 0.45)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input when no image is given")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--uint8", action="store_true",
+                      help="feed uint8 frames and let the toolchain scale them with the sidecar's preprocessing "
+                           "contract; compare with pycaffe on the same bytes and with Darknet's detections")
+    mode.add_argument("--int8", action="store_true",
+                      help="(rknn) build int8 calibrated on --data, else leave-one-out over the images; score "
+                           "against Darknet's fp32 detections (kept, extra, worst IoU, worst score diff)")
+    p.add_argument("--data", help="with --int8: calibration images (.data train list, image list or folder)")
+    p.add_argument("--fp16-blocks", type=int, nargs="+", metavar="LAYER",
+                   help="with --int8: Darknet conv layer indices kept in fp16 (RKNN hybrid quantization)")
 
 
 def run(args: argparse.Namespace) -> int:
     from d2c.fsutil import atomic_write_text, check_output_file
     if args.json:
         check_output_file(args.json, "--json")
+    if (args.data or args.fp16_blocks) and not args.int8:
+        raise D2CError("--data and --fp16-blocks describe an int8 build: add --int8")
+    if args.uint8 or args.int8:
+        from d2c import verify_int8 as v8
+        images = [Path(p) for p in args.images]
+        target = args.target or "rknn"
+        report = (v8.verify_int8(args.model, images, target, data=args.data, fp16_blocks=args.fp16_blocks,
+                                 thresh=args.thresh) if args.int8 else
+                  v8.verify_uint8(args.model, images, target, thresh=args.thresh))
+        print(v8.table(report))
+        if args.json:
+            atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+        return 0 if report["ok"] else 1
     report = verify(args.model, args.images, args.target, weights=args.weights, thresh=args.thresh, nms=args.nms,
                     seed=args.seed)
     print(table(report))
