@@ -86,6 +86,7 @@ class RunResult:
 def run_rknn(files: ModelFiles, build: Build, dataset: PreparedSet | None, inputs: list[Path], workdir: Path,
              analysis_input: Path | None = None, timeout: float = 1800, export: Path | None = None) -> RunResult:
     """Build with RKNN-Toolkit2 in its venv and run the simulator on `inputs` (.npy NCHW tensors)."""
+    workdir = Path(workdir).resolve()     # the worker runs with cwd=workdir: relative paths would break
     workdir.mkdir(parents=True, exist_ok=True)
     job = {"prototxt": str(files.prototxt.resolve()), "caffemodel": str(files.caffemodel.resolve()),
            "config": build.config(files.sidecar), "quantize": build.quantize,

@@ -20,6 +20,7 @@ from typing import Any
 from d2c.errors import D2CError
 
 TARGETS = ("rknn",)
+ORDERS = ("depth", "sensitivity", "ablation")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,10 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   ".data valid list, else the calibration images")
     p.add_argument("--eval-images", type=int, default=20, help="at most N evaluation images (default 20)")
     p.add_argument("--max-fp16", type=int, default=6, help="at most N conv blocks moved to fp16 (default 6)")
-    p.add_argument("--order", choices=["depth", "sensitivity"], default="depth",
-                   help="which conv blocks go to fp16 first: front to back (default; measured best on yolov3-tiny, "
-                        "whose early int8 errors are carried through the net) or by the accumulated cosine each "
-                        "block loses in RKNN's accuracy analysis")
+    p.add_argument("--order", choices=ORDERS, default="depth",
+                   help="which conv blocks go to fp16 first: front to back (default; early int8 errors are carried "
+                        "through the net), by the accumulated cosine each block loses in RKNN's accuracy analysis "
+                        "(sensitivity), or by per-block ablation (one build per block with it alone int8, scored on "
+                        "detections against Darknet fp32; cached)")
     p.add_argument("--thresh", type=float, default=0.25, help="detection threshold (default 0.25)")
     p.add_argument("-o", "--out", default="out/quantize", help="output directory (default out/quantize)")
 
@@ -81,7 +83,17 @@ def quantize(model: str | Path, data: str | Path, out: str | Path, *, images: in
     steps = []
     chosen: list[int] = []
     stem = files.prototxt.stem
-    sequence = sorted(b for b, _ in ranking) if order == "depth" else [b for b, _ in ranking]
+    ablation: list[dict[str, Any]] = []
+    if order == "ablation":
+        from d2c.int8_ablation import ablate, ablation_order
+        ablation = ablate(files, calib, evaluate, refs, work, thresh)
+        sequence = ablation_order(ablation)
+    elif order == "depth":
+        sequence = sorted(b for b, _ in ranking)
+    elif order == "sensitivity":
+        sequence = [b for b, _ in ranking]
+    else:
+        raise D2CError(f"--order {order}: choose one of {', '.join(ORDERS)}")
     for k in range(0, max_fp16 + 1):
         blocks = sequence[:k]
         build = Build(f"int8 + {k} fp16" if k else "int8", fp16_blocks=blocks if k else None)
@@ -105,7 +117,11 @@ def quantize(model: str | Path, data: str | Path, out: str | Path, *, images: in
               "preprocess": {"mean_values": pre["mean_values"], "std_values": pre["std_values"],
                              "channel_order": pre["channel_order"], "letterbox": pre["letterbox"]},
               "calibration_images": [str(p) for p in calib], "eval_images": [str(p) for p in evaluate],
-              "sensitivity": [{"block": b, "entire_cos_drop": c} for b, c in ranking], "order": order, "steps": steps,
+              "sensitivity": [{"block": b, "entire_cos_drop": c} for b, c in ranking], "order": order,
+              "sequence": sequence,
+              "ablation": [{k: s[k] for k in ("block", "kept", "total", "extra", "worst_iou", "worst_score_diff",
+                                              "head_rel", "damage")} for s in ablation],
+              "steps": steps,
               "rknn_model": str(out_dir / f"{stem}.rknn")}
     atomic_write_text(out_dir / "quantize.json", json.dumps(report, indent=1) + "\n")
     return report
@@ -136,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
                       max_fp16=args.max_fp16, thresh=args.thresh, order=args.order)
     print("  sensitivity (accumulated cosine each conv block loses, most sensitive first): " +
           ", ".join(f"layer{s['block']:03d} {s['entire_cos_drop']:.5f}" for s in report["sensitivity"]))
+    if report["ablation"]:
+        print("  ablation (damage with the block alone int8, the rest fp16; most damaging first): " +
+              ", ".join(f"layer{b:03d} {next(s['damage'] for s in report['ablation'] if s['block'] == b):.2f}"
+                        for b in report["sequence"]))
     print(f"  fp16 blocks: {', '.join(report['fp16_layers']) or 'none'}; "
           f"{'meets' if report['ok'] else 'misses'} the agreement target")
     print(f"  wrote {report['rknn_model']}, {Path(args.out) / 'quantize.json'}, {Path(args.out) / 'sensitivity.png'}")

@@ -165,3 +165,88 @@ def test_quantize_cli_from_a_data_file(tiny_split: Path, tmp_path: Path, capsys)
     assert report["total"] >= 13 and report["kept"] >= report["total"] - 2
     assert (out / "yolov3-tiny.rknn").stat().st_size > 1_000_000 and (out / "sensitivity.png").stat().st_size > 1000
     assert "sensitivity" in capsys.readouterr().out
+
+
+TOY_CFG = """[net]
+width=64
+height=64
+channels=3
+
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+
+[convolutional]
+size=1
+stride=1
+pad=1
+filters=18
+activation=linear
+
+[yolo]
+mask=0,1,2
+anchors=10,14,23,27,37,58
+classes=1
+num=3
+"""
+
+
+def test_damage_ranks_lost_boxes_before_shifts() -> None:
+    """The ablation score: 0 for a perfect build, one per lost or extra box, plus the worst IoU loss
+    or score diff in units of the target's 0.05 margins (no builds)."""
+    from d2c.int8_ablation import ablation_order, damage
+    perfect = {"kept": 5, "total": 5, "extra": 0, "worst_iou": 1.0, "worst_score_diff": 0.0}
+    assert damage(perfect) == 0.0
+    assert_allclose(damage({**perfect, "worst_iou": 0.95}), 1.0, rtol=1e-12)
+    assert_allclose(damage({**perfect, "worst_iou": 0.97, "worst_score_diff": 0.04}), 0.8, rtol=1e-12)
+    assert_allclose(damage({**perfect, "kept": 4, "extra": 1, "worst_iou": 0.99}), 2.2, rtol=1e-12)
+    scores = [{"block": 0, "damage": 0.4, "head_rel": 0.1}, {"block": 2, "damage": 1.5, "head_rel": 0.1},
+              {"block": 4, "damage": 0.4, "head_rel": 0.3}]
+    assert ablation_order(scores) == [2, 4, 0]
+
+
+def test_quantize_ablation_order_on_a_toy_model(tmp_path: Path, monkeypatch) -> None:
+    """`d2c quantize --order ablation` on a two-block toy model (64x64, random weights): one RKNN
+    build per block with it alone int8, scored on detections, the fallback moving the most damaging
+    block first; the scores are cached, so the second ablation does no build (RKNN blocked), and a
+    different threshold (negative control) misses the cache."""
+    import d2c.int8_ablation as abl
+    import d2c.int8_rknn as rk
+    from d2c.quantize import quantize
+    monkeypatch.setattr(abl, "cache_dir", lambda: tmp_path / "cache" / "calibration")
+    (tmp_path / "toy.cfg").write_text(TOY_CFG)
+    convert(tmp_path / "toy.cfg", None, tmp_path / "m", split_heads=True, seed=3)
+    files = load_model_files(tmp_path / "m")
+    calib, evaluate = IMAGES[:3], IMAGES[:2]
+    (tmp_path / "calib.txt").write_text("".join(f"{p}\n" for p in calib))
+    report = quantize(tmp_path / "m", tmp_path / "calib.txt", tmp_path / "q", eval_images=evaluate, max_fp16=1,
+                      order="ablation")
+    scores = report["ablation"]
+    assert [s["block"] for s in scores] == [0, 2] and sorted(report["sequence"]) == [0, 2]
+    assert report["sequence"] == abl.ablation_order(scores)
+    for s in scores:
+        assert s["total"] > 0 and 0 <= s["kept"] <= s["total"]
+        assert_allclose(s["damage"], abl.damage(s), atol=1e-6)
+    assert report["steps"][0]["fp16_blocks"] == []
+    if len(report["steps"]) > 1:
+        assert report["steps"][1]["fp16_blocks"] == report["sequence"][:1]
+    cache = abl.ablation_cache(files, calib, evaluate, 0.25)
+    assert cache.is_file()
+
+    def blocked(*_a, **_k):
+        raise AssertionError("an ablation build ran although its scores are cached")
+    monkeypatch.setattr(rk, "run_rknn", blocked)
+    refs = references(files, evaluate, "uint8")
+    again = abl.ablate(files, calib, evaluate, refs, tmp_path / "w2")
+    assert [(s["block"], s["damage"]) for s in again] == [(s["block"], s["damage"]) for s in scores]
+    assert abl.ablation_cache(files, calib, evaluate, 0.3) != cache
+    with pytest.raises(AssertionError, match="cached"):
+        abl.ablate(files, calib, evaluate, refs, tmp_path / "w3", thresh=0.3)
