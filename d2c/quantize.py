@@ -94,11 +94,13 @@ def quantize(model: str | Path, data: str | Path, out: str | Path, *, images: in
         sequence = [b for b, _ in ranking]
     else:
         raise D2CError(f"--order {order}: choose one of {', '.join(ORDERS)}")
+    outputs: dict[Path, dict[str, Any]] = {}
     for k in range(0, max_fp16 + 1):
         blocks = sequence[:k]
         build = Build(f"int8 + {k} fp16" if k else "int8", fp16_blocks=blocks if k else None)
+        outputs.clear()
         agreement, fp16, seconds = measure(files, build, evaluate, work / f"step{k}", refs=refs, thresh=thresh,
-                                           calibration=calib, export=out_dir / f"{stem}.rknn")
+                                           calibration=calib, export=out_dir / f"{stem}.rknn", outputs_into=outputs)
         step = {"fp16_blocks": blocks, "fp16_tensors": fp16, "seconds": round(seconds, 1),
                 **{key: v for key, v in agreement.to_json().items() if key != "per_image"},
                 "ok": agreement.ok_target}
@@ -110,10 +112,11 @@ def quantize(model: str | Path, data: str | Path, out: str | Path, *, images: in
             break
     pre = deploy_preprocess(files.sidecar, "rknn")
     final = steps[-1]
+    map_fp32, map_int8 = map50_pair(files, outputs, evaluate)
     report = {"ok": final["ok"], "target": "rknn", "precision": "int8" if not chosen else "int8+fp16",
               "kept": final["kept"], "total": final["total"], "extra": final["extra"],
               "worst_iou": final["worst_iou"], "worst_score_diff": final["worst_score_diff"],
-              "map50_fp32": None, "map50_int8": None, "fp16_layers": [f"layer{b:03d}" for b in chosen],
+              "map50_fp32": map_fp32, "map50_int8": map_int8, "fp16_layers": [f"layer{b:03d}" for b in chosen],
               "preprocess": {"mean_values": pre["mean_values"], "std_values": pre["std_values"],
                              "channel_order": pre["channel_order"], "letterbox": pre["letterbox"]},
               "calibration_images": [str(p) for p in calib], "eval_images": [str(p) for p in evaluate],
@@ -125,6 +128,34 @@ def quantize(model: str | Path, data: str | Path, out: str | Path, *, images: in
               "rknn_model": str(out_dir / f"{stem}.rknn")}
     atomic_write_text(out_dir / "quantize.json", json.dumps(report, indent=1) + "\n")
     return report
+
+
+def map50_pair(files: Any, outputs: dict[Path, dict[str, Any]], images: list[Path]) -> tuple[float | None,
+                                                                                              float | None]:
+    """mAP@0.5 of fp32 (d2c's Darknet-exact pycaffe pipeline) and of the toolchain's `outputs` on
+    `images`, at Darknet's map threshold 0.005, against their Darknet label files; (None, None)
+    when an image has no label file (nothing to score against)."""
+    from d2c.dataset import label_path_for, parse_labels
+    from d2c.detect import Engine
+    from d2c.int8_rknn import detect_outputs
+    from d2c.metrics import DEFAULT_THRESH, evaluate, predictions_from_detections
+    classes = int(files.sidecar["heads"][-1]["classes"])
+    truths = []
+    for image in images:
+        label = Path(label_path_for(str(image)))
+        if not label.is_file():
+            return None, None
+        truths.append(parse_labels(label, classes)[0])
+    if not any(len(t) for t in truths):
+        return None, None
+    engine = Engine(files, "caffe")
+    fp32, int8 = [], []
+    for image in images:
+        dets, size = engine.detect(image, thresh=DEFAULT_THRESH)       # size: (width, height)
+        fp32.append(predictions_from_detections(dets, DEFAULT_THRESH))
+        int8.append(predictions_from_detections(detect_outputs(outputs[image], files.sidecar, *size,
+                                                               thresh=DEFAULT_THRESH), DEFAULT_THRESH))
+    return (round(evaluate(fp32, truths, classes).map50, 6), round(evaluate(int8, truths, classes).map50, 6))
 
 
 def _plot(path: Path, analysis: list[dict[str, Any]]) -> None:

@@ -23,7 +23,7 @@ from d2c.detect import load_model_files
 from d2c.errors import DatasetError
 from d2c.image import letterbox, load_image_rgb
 from d2c.int8_rknn import (Agreement, Build, block_members, measure, parse_analysis, rank_blocks, references,
-                           rknn_python)
+                           rknn_python, rows)
 from d2c.preprocess import to_uint8_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,13 +115,13 @@ def test_analysis_rows_and_ranking(tmp_path: Path) -> None:
             "[Split] layer015_conv_oc_raw\n"
             "[Conv] layer015_conv_wh      0.97075 | 490.1    0.97130 | 489.3\n")
     (tmp_path / "error_analysis.txt").write_text(text)
-    rows = parse_analysis(tmp_path / "error_analysis.txt")
-    assert [r["tensor"] for r in rows] == ["data", "layer000_scale", "layer000_leaky", "layer002_scale",
+    parsed = parse_analysis(tmp_path / "error_analysis.txt")
+    assert [r["tensor"] for r in parsed] == ["data", "layer000_scale", "layer000_leaky", "layer002_scale",
                                            "layer015_conv_wh"]
     # entire-cosine lost per block: 0 loses 1 - 0.99944, 2 loses 0.99944 - 0.99976 (none), 15 loses
     # 0.99976 - 0.97075 (its previous row is layer002_scale: the unparsed row is skipped).
     members = {0: [0, 1], 2: [2, 3], 15: [15, 16]}
-    assert rank_blocks(rows, members) == [(15, 0.02901), (0, 0.00056), (2, -0.00032)]
+    assert rank_blocks(parsed, members) == [(15, 0.02901), (0, 0.00056), (2, -0.00032)]
 
 
 def test_blocks_take_their_pools_and_routes(tmp_path: Path) -> None:
@@ -250,3 +250,35 @@ def test_quantize_ablation_order_on_a_toy_model(tmp_path: Path, monkeypatch) -> 
     assert abl.ablation_cache(files, calib, evaluate, 0.3) != cache
     with pytest.raises(AssertionError, match="cached"):
         abl.ablate(files, calib, evaluate, refs, tmp_path / "w3", thresh=0.3)
+
+
+def test_map50_pair_scores_toolchain_outputs_against_labels(tiny_split: Path, tmp_path: Path) -> None:
+    """quantize's mAP@0.5 pair (no builds): labels made from Darknet's fp32 boxes give fp32 mAP 1;
+    pycaffe's heads on the uint8 frames standing in for the toolchain's outputs score the same to
+    0.02; the same heads with the w/h logits shifted by 0.5 (boxes 65% too big; negative control)
+    lose it; an image without a label file gives no mAP."""
+    from d2c.detect import Engine
+    from d2c.quantize import map50_pair
+    files = load_model_files(tiny_split)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    images = []
+    engine = Engine(files, "caffe")
+    for name in ("dog", "horses"):
+        image = tmp_path / "images" / f"{name}.jpg"
+        shutil.copy(f"/usr/share/darknet/data/{name}.jpg", image)
+        dets, _ = engine.detect(image)
+        (tmp_path / "labels" / f"{name}.txt").write_text("".join(
+            f"{c} {b[0]:.6f} {b[1]:.6f} {b[2]:.6f} {b[3]:.6f}\n" for c, _, b in rows(dets)))
+        images.append(image)
+    heads = {r.image: r.heads for r in references(files, images, "uint8")}
+    fp32, same = map50_pair(files, heads, images)
+    assert_allclose(fp32, 1.0, atol=1e-9)
+    assert_allclose(same, fp32, atol=0.02)
+    wh = [blob for blob in next(iter(heads.values())) if blob.endswith("_wh")]
+    assert wh, "split heads have w/h outputs"
+    shifted = {image: {b: v + np.float32(0.5) if b in wh else v for b, v in out.items()} for image, out in heads.items()}
+    _, bad = map50_pair(files, shifted, images)
+    assert bad < fp32 - 0.3
+    (tmp_path / "labels" / "dog.txt").unlink()
+    assert map50_pair(files, heads, images) == (None, None)
