@@ -4,10 +4,12 @@ RKNN's per-layer analysis, and an automatic fp16 fallback until int8 agrees with
 Why: an int8 build that "mostly works" loses boxes and shifts others; users cannot see which layers
 are to blame. This calibrates on the model's own training images (the `.data` file's train list, a
 list or a folder), preprocessed by the sidecar's contract; scores int8 against Darknet's fp32
-detections on evaluation images (the `.data` valid list, else the calibration images); ranks the
-conv blocks by the accumulated cosine each loses in RKNN's analysis; and moves the most sensitive to fp16 one at a time
-until every reference box is kept, none is extra, worst IoU >= 0.95 and worst score diff <= 0.05,
-or `--max-fp16` blocks are spent. Writes OUT/<stem>.rknn (the chosen build), OUT/quantize.json,
+detections on evaluation images (the `.data` valid list, else the calibration images); orders the
+conv blocks (front to back, by the accumulated cosine each loses in RKNN's analysis, or by per-block
+ablation scored on detections: d2c.int8_ablation) and moves them to fp16 one at a time until every
+reference box is kept, none is extra, worst IoU >= 0.95 and worst score diff <= 0.05, or `--max-fp16`
+blocks are spent. Where the evaluation images have Darknet label files, it also reports mAP@0.5 of
+fp32 and of the chosen build. Writes OUT/<stem>.rknn (the chosen build), OUT/quantize.json,
 OUT/sensitivity.png.
 """
 from __future__ import annotations
