@@ -353,7 +353,7 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
                                                            for theirs, ours, _layer in deltas.values()))
                 loss_checks.append(Check(f"mini-batch {k}", rel, bound))
                 if k == 0:  # (3) the head gradients of the first mini-batch
-                    report.checks.extend(head_checks(dn, net, graph, train, batch, deltas))
+                    report.checks.extend(head_checks(dn, net, graph, train, batch, deltas, engine))
                 if steps == 0:
                     break
                 if updated:  # (4) every array after this step, then Caffe resynchronised to Darknet
@@ -409,7 +409,7 @@ def head_deltas(dn, net, conversion) -> dict[int, tuple[np.ndarray, np.ndarray, 
 
 
 def head_checks(dn, net, graph: Graph, conversion, batch: int,
-                deltas: dict[int, tuple[np.ndarray, np.ndarray, Any]]) -> list[Check]:
+                deltas: dict[int, tuple[np.ndarray, np.ndarray, Any]], engine: str = "debian") -> list[Check]:
     """Three checks per head after the first training mini-batch.
 
     delta: Darknet's l.delta against the Caffe loss layer's, bounded by the head-input difference
@@ -436,7 +436,11 @@ def head_checks(dn, net, graph: Graph, conversion, batch: int,
         delta.detail["input_max_abs"] = float(np.max(np.abs(x_theirs.astype(np.float64) - x_ours)))
         propagated = delta_check(f"layer {head.index} propagated", dn.layer_delta(node.inputs[0]),
                                  -np.asarray(net.blobs[head.blob].diff, np.float64) * batch, sens, direct)
-        checks += [delta, formula_check(f"layer {head.index} delta formula", theirs, on_theirs), propagated]
+        formula = formula_check(f"layer {head.index} delta formula", theirs, on_theirs)
+        if engine == "alexeyab":    # its -Ofast heads' arithmetic bounds the check (d2c.alexeyab_cpu)
+            from d2c.alexeyab_cpu import ofast_formula_check
+            formula = ofast_formula_check(formula, node, x_theirs, theirs, on_theirs, sens.jacobian)
+        checks += [delta, formula, propagated]
     return checks
 
 
