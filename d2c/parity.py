@@ -487,6 +487,8 @@ def compare_step(dn, net, graph: Graph, conversion, sgd, before: dict[int, dict[
     """
     theirs, theirs_u = darknet_arrays(dn, graph)
     flips = routing_flips(dn, net, graph, conversion)
+    from d2c.activation_flips import find_activation_flips
+    signs = find_activation_flips(dn, net, graph, conversion, sgd)
     depth = backward_depth(graph)
     ours = caffe_arrays(net, conversion)
     ours_u = caffe_arrays(net, conversion, updates=sgd.U)
@@ -514,12 +516,20 @@ def compare_step(dn, net, graph: Graph, conversion, sgd, before: dict[int, dict[
                 derived = row["momentum_rel"] if momentum else CEILINGS["update_of_change"] / SAFETY
                 floor = 4 * float(ulp(mag)) / change if change else 0.0
                 row["bound"] = derived_bound(derived, 1.0, CEILINGS["update_of_change"], floor)
+                effect = signs.effect(node.index, name)
+                if effect and momentum and u_mag:   # leaky sign flips reach it: their measured effect
+                    extra = SAFETY * momentum * effect / u_mag      # on U, and on w relative to its change
+                    row["momentum_bound"] += extra
+                    row["bound"] += extra
+                    row["activation_flips"] = signs.counts
+                    row["flip_effect"] = extra / SAFETY
                 if flips:   # a gradient routed elsewhere: only the ceiling can bound it
                     row["routing_flips"] = flips
                     row["momentum_bound"] = CEILINGS["momentum_rel"] + 4 * EPS32
             rows.append(row)
     full_u = {i: {**theirs[i], **u} for i, u in theirs_u.items()}
-    return {"step": index, "rows": rows, "darknet_arrays": theirs, "darknet_updates": full_u}
+    return {"step": index, "rows": rows, "darknet_arrays": theirs, "darknet_updates": full_u,
+            "activation_flips": signs.counts}
 
 
 def backward_depth(graph: Graph) -> dict[int, int]:
@@ -586,12 +596,14 @@ def summarize_update(steps_done: list[dict[str, Any]], steps: int, seen_darknet:
     return {"steps": steps, "max_abs": max((row["max_abs"] for row in learned), default=0.0),
             "stats_max_rel": max((row["max_rel"] for row in stats), default=0.0),
             "largest_change": largest, "largest_change_ulps": visible, "arrays": rows,
+            "activation_flips": {step["step"]: step["activation_flips"] for step in steps_done
+                                 if step.get("activation_flips")},
             "seen_darknet": seen_darknet, "seen_caffe": seen_caffe}
 
 
 def flipped(row: dict[str, Any]) -> dict[str, Any]:
     """A row's routing flips, for the check's detail."""
-    return {"routing_flips": row["routing_flips"]} if row.get("routing_flips") else {}
+    return {key: row[key] for key in ("routing_flips", "activation_flips", "flip_effect") if row.get(key)}
 
 
 def update_checks(update: dict[str, Any]) -> list[Check]:
@@ -631,6 +643,9 @@ def format_report(report: ParityReport) -> str:
         if check.detail.get("routing_flips"):
             where += ", argmax near-tie flips between the engines: " + ", ".join(
                 f"{n} in {k}" for k, n in check.detail["routing_flips"].items())
+        if check.detail.get("activation_flips"):
+            where += (f", leaky/relu sign flips between the engines ({', '.join(f'{n} in {k}' for k, n in check.detail['activation_flips'].items())}), "
+                      f"bound includes their effect {check.detail['flip_effect']:.3g}")
         lines.append(f"  {check.name:28s} {check.value:10.3g} {relation}{check.bound:8.3g}  "
                      f"{'ok' if check.ok else 'FAIL'}{where}")
     if report.update:
