@@ -272,12 +272,6 @@ def temp_workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="d2c-rknn-"))
 
 
-def conv_blocks(sidecar: dict[str, Any]) -> list[int]:
-    """Darknet layer indices of the convolutional layers (the blocks hybrid quantization moves):
-    d2c names a conv's output blob layerNNN_conv (its BN and activation run in place)."""
-    return sorted(block_members(sidecar))
-
-
 def block_members(sidecar: dict[str, Any]) -> dict[int, list[int]]:
     """Conv block -> the Darknet layers it covers: the conv and every non-conv layer after it up to
     the next conv (maxpool, upsample, route, shortcut, yolo). Why: a maxpool or route left in int8
@@ -342,5 +336,5 @@ def sensitivity(files: ModelFiles, images: list[Path], workdir: Path, probe: Pat
     return rows_, rank_blocks(rows_, block_members(files.sidecar))
 
 
-__all__ = ["Agreement", "Build", "Reference", "conv_blocks", "detect_outputs", "measure", "network_input",
+__all__ = ["Agreement", "Build", "Reference", "block_members", "detect_outputs", "measure", "network_input",
            "parse_analysis", "rank_blocks", "references", "rknn_python", "run_rknn", "rows", "sensitivity"]

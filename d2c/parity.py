@@ -223,7 +223,9 @@ def caffe_arrays(net, conversion, updates: dict[str, np.ndarray] | None = None) 
     """Darknet-named arrays of a live pycaffe train net, read back by each converter's export.
 
     With `updates` (solver slot key "layer/index" -> array), those blobs are read in place of the
-    parameters, so the momentum buffers come back under the names of the arrays they update.
+    parameters, so the momentum buffers come back under the names of the arrays they update; a blob
+    no slot updates (a frozen BN beta, the statistics) reads as 0, as Darknet's accumulator of an
+    array it never updates stays.
     """
     from dataclasses import replace
 
@@ -232,8 +234,6 @@ def caffe_arrays(net, conversion, updates: dict[str, np.ndarray] | None = None) 
     layers = []
     for layer in conversion.net.layers:
         if layer.name in net.params:
-            # a blob without a solver slot (lr_mult 0: statistics, AlexeyAB's frozen CPU BN betas)
-            # has no accumulator: zero, as the engine's never-filled *_updates
             blobs = [np.array(blob.data if updates is None else updates.get(f"{layer.name}/{k}", 0 * blob.data),
                               np.float32) for k, blob in enumerate(net.params[layer.name])]
             layer = replace(layer, blobs=blobs)
@@ -585,7 +585,8 @@ def resync(net, conversion, sgd, arrays: dict[int, dict[str, np.ndarray]],
         sgd.U[slot.key] = np.asarray(fresh_u[slot.layer][slot.index], np.float32).reshape(sgd.U[slot.key].shape).copy()
 
 
-def summarize_update(steps_done: list[dict[str, Any]], steps: int, seen_darknet: int, seen_caffe: int) -> dict[str, Any]:
+def summarize_update(steps_done: list[dict[str, Any]], steps: int, seen_darknet: int,
+                     seen_caffe: int) -> dict[str, Any]:
     """The update section of the report: every row of every step, the worst of each kind, and the
     largest learned change (a check that moved nothing compared nothing)."""
     rows = [row for step in steps_done for row in step["rows"]]
@@ -650,7 +651,8 @@ def format_report(report: ParityReport) -> str:
                      f"{'ok' if check.ok else 'FAIL'}{where}")
     if report.update:
         u = report.update
-        lines.append(f"  update: {u['steps']} step(s) compared one by one (Caffe resynchronised to Darknet after each), "
+        lines.append(f"  update: {u['steps']} step(s) compared one by one (Caffe resynchronised to Darknet "
+                     f"after each), "
                      f"largest learned change {u['largest_change']:.3g}")
         if not next(c for c in report.checks if c.at_least).ok:
             lines.append(f"  FAILED: vacuous update: the learned arrays moved by at most "

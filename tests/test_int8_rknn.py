@@ -9,6 +9,7 @@ Darknet's boxes, and the classic mistake (uint8 frames with std 1) loses them.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -146,3 +147,21 @@ def test_rknn_fp16_and_int8_with_the_contract(tiny_split: Path, tmp_path: Path) 
     bad, _, _ = measure(files, Build("std1", std_override=1.0), scored, tmp_path / "b", refs=refs, calibration=calib)
     assert good.total >= 9 and good.kept >= good.total - 1 and good.worst_iou > 0.7
     assert bad.kept <= good.kept // 2
+
+
+def test_quantize_cli_from_a_data_file(tiny_split: Path, tmp_path: Path, capsys) -> None:
+    """`d2c quantize` end to end on 3 calibration images (a .data train list) and its valid list, one
+    fallback step at most: the report, the exported .rknn and the sensitivity plot are written."""
+    from d2c.cli import main
+    data = _dataset(tmp_path / "ds", ["dog", "giraffe", "horses"])
+    out = tmp_path / "q"
+    rc = main(["quantize", str(tiny_split), "--data", str(data), "--max-fp16", "1", "-o", str(out)])
+    report = json.loads((out / "quantize.json").read_text())
+    assert rc == (0 if report["ok"] else 1)
+    assert {"ok", "target", "precision", "kept", "total", "extra", "worst_iou", "worst_score_diff", "fp16_layers",
+            "preprocess", "sensitivity", "steps"} <= set(report)
+    assert 1 <= len(report["steps"]) <= 2 and report["steps"][0]["fp16_blocks"] == []
+    assert sorted(s["block"] for s in report["sensitivity"]) == [0, 2, 4, 6, 8, 10, 12, 13, 14, 15, 18, 21, 22]
+    assert report["total"] >= 13 and report["kept"] >= report["total"] - 2
+    assert (out / "yolov3-tiny.rknn").stat().st_size > 1_000_000 and (out / "sensitivity.png").stat().st_size > 1000
+    assert "sensitivity" in capsys.readouterr().out

@@ -70,20 +70,23 @@ def main() -> int:
         atomic_write_text(table_path, json.dumps(table, indent=1) + "\n")
     ranking = [int(block) for block, _ in table["ranking"]]
     print("sensitivity order (block, entire-cosine drop):", table["ranking"], flush=True)
-    # The curve, calibrated on the 7 (one build per step, as `d2c quantize` does); the first step that
-    # meets the target is then confirmed leave-one-out.
-    chosen = None
-    for k in range(1, args.max_fp16 + 1):
-        entry = row("split", Build(f"split heads + {k} fp16 blocks (sensitivity order)", fp16_blocks=ranking[:k],
-                                   calibration="same"))
-        if entry["ok_target"]:
-            chosen = ranking[:k]
-            break
-    if chosen is not None:
-        row("split", Build(f"split heads + {len(chosen)} fp16 blocks, leave-one-out", fp16_blocks=chosen))
+    def curve(sequence: list[int], step: str, confirm: str) -> None:
+        """Blocks to fp16 one at a time, calibrated on the 7 (one build per step, as `d2c quantize`
+        does); the first step that meets the target is then confirmed leave-one-out."""
+        for k in range(1, args.max_fp16 + 1):
+            if row("split", Build(step.format(k=k), fp16_blocks=sequence[:k], calibration="same"))["ok_target"]:
+                row("split", Build(confirm.format(k=k), fp16_blocks=sequence[:k]))
+                return
+
+    curve(ranking, "split heads + {k} fp16 blocks (sensitivity order)", "split heads + {k} fp16 blocks, leave-one-out")
     row("split", Build("split heads + conv 0-8 with their maxpools fp16, leave-one-out", fp16_blocks=[0, 2, 4, 6, 8]))
     row("split", Build("split heads + every layer fp16 (hybrid control)", fp16_blocks=list(range(24)),
                        calibration="same"))
+    # The same curve with blocks taken front to back (errors made early are carried through the net).
+    curve(sorted(ranking), "split heads + first {k} conv blocks fp16 (depth order)",
+          "split heads + first {k} conv blocks fp16, leave-one-out")
+    row("split", Build("split heads + first 6 conv blocks fp16, leave-one-out", fp16_blocks=sorted(ranking)[:6]))
+    row("split", Build("split heads + conv 0-8 and head block 22 fp16, leave-one-out", fp16_blocks=[0, 2, 4, 6, 8, 22]))
     row("plain", Build("fp16", quantize=False, calibration="none"))
     row("plain", Build("int8, float input 0..1, std 1, same 7", input_kind="float", calibration="same"))
     row("plain", Build("int8, uint8 input, std 255, same 7", calibration="same"))

@@ -219,6 +219,54 @@ def alexeyab_block() -> str:
     return "\n".join(lines)
 
 
+def targets_block() -> str:
+    """The deploy-target matrix, rendered from docs/targets-matrix.json (tools/targets_matrix.py measures it)."""
+    import json
+
+    from d2c.targets import REGISTRY
+    data = json.loads((ROOT / "docs" / "targets-matrix.json").read_text())
+    cases = data["cases"]
+    targets = [t for t in ("opencv", "openvino", "mnn", "rknn") if any(c["target"] == t for c in cases.values())]
+    lines = ["## Deploy targets", "",
+             "`d2c convert --target NAME` lints the net against the named toolchain's Caffe importer (every layer it "
+             "would reject, with its cfg line) and applies exact rewrites where it lacks something; `d2c verify MODEL "
+             "[IMAGES]` runs the model in the real toolchain (its own venv, from `make targets`) and compares heads with "
+             "pycaffe and detections with Darknet (`--weights`) or pycaffe.", "",
+             "| target | toolchain | precision | rewrites applied when needed | importer facts |", "|---|---|---|---|---|"]
+    for name, target in REGISTRY.items():
+        fixes = sorted(set(target.type_rewrites.values()) | {r.rewrite for r in target.rules if r.rewrite})
+        status = f" — not runnable here: {target.not_runnable}" if target.not_runnable else ""
+        lines.append(f"| `{name}` | {support_table._cell(target.summary + status)} | "
+                     f"{support_table._cell(target.precision)} | {', '.join(f'`{f}`' for f in fixes) or '—'} | "
+                     f"{support_table._cell(target.source)} |")
+    lines += ["", f"Measured by `tools/targets_matrix.py` ({data.get('measured', '?')}): worst head max relative "
+              "error against pycaffe, per model and target (random weights, seed 7, 160 px unless noted; `✗` a "
+              "model the toolchain or d2c refused, with the reason in `docs/targets-matrix.json`).", "",
+              "| model | input | " + " | ".join(targets) + " |", "|---|---|" + "---|" * len(targets)]
+    import targets_matrix
+    order = [label for label, *_ in targets_matrix.models()]
+    labels = sorted(dict.fromkeys(c["model"] for c in cases.values()),
+                    key=lambda m: order.index(m) if m in order else len(order))
+    for label in labels:
+        row = [f"{label}", str(next(c["size"] for c in cases.values() if c["model"] == label))]
+        for t in targets:
+            c = cases.get(f"{label} | {t}")
+            row.append("—" if c is None else ("✗" if not c["converts"] else
+                                              f"{c['head_max_rel']:.2g}" + ("" if c["ok"] else " (not ok)")))
+        lines.append("| " + " | ".join(row) + " |")
+    real = [c for c in cases.values() if c.get("detections")]
+    if real:
+        lines += ["", "Real yolov3-tiny (COCO weights, 416) on Darknet's 7 sample images, threshold 0.25, detections "
+                  "against the real Darknet:", "",
+                  "| target | precision | Darknet detections | kept (same class) | extra | min IoU | box max diff | "
+                  "score max diff |", "|---|---|---|---|---|---|---|---|"]
+        for c in sorted(real, key=lambda c: targets.index(c["target"])):
+            d = c["detections"]
+            lines.append(f"| {c['target']} | {support_table._cell(c['precision'])} | {d['count_ref']} | {d['kept']} | "
+                         f"{d['extra']} | {d['min_iou']:.4g} | {d['max_box_diff']:.2g} | {d['max_score_diff']:.2g} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-parity", action="store_true", help="do not re-measure the Debian parity table")
@@ -227,6 +275,10 @@ def main() -> int:
     readme = ROOT / "README.md"
     text = readme.read_text()
     text = replace_block(text, "support-table", support_block())
+    if "<!-- targets-table:start -->" not in text:
+        text = text.replace("<!-- parity-table:start -->", "<!-- targets-table:start -->\n<!-- targets-table:end -->"
+                                                           "\n\n<!-- parity-table:start -->")
+    text = replace_block(text, "targets-table", targets_block())
     if not args.skip_parity:
         text = replace_block(text, "parity-table", parity_block())
     if not args.skip_alexeyab:
