@@ -201,10 +201,10 @@ def ofast_formula_check(default: Any, node: Any, z: np.ndarray, darknet_delta: n
                         ours_on_darknet_input: np.ndarray, jacobian: np.ndarray) -> Any:
     """parity's "delta formula" check for a [yolo] head of this engine (`default`, the engine-free
     check, for any other head): d2c's loss on the engine's
-    own head input against the engine's delta, each element within 4 ulps of itself plus SAFETY
-    times the engine's -Ofast error (ofast_input_error) through d2c's Jacobian (`jacobian`: (b, n,
-    out entries, in entries, H, W), from d2c.tolerances.head_sensitivity). Value and bound are in
-    ulps of the delta at the element nearest its bound."""
+    own head input against the engine's delta, each element within formula_check's ceiling plus
+    SAFETY times the engine's -Ofast error (ofast_input_error) through d2c's Jacobian (`jacobian`:
+    (b, n, out entries, in entries, H, W), from d2c.tolerances.head_sensitivity). Value and bound
+    are in formula_check's unit (ulps of max(|delta|, 1)) at the element nearest its bound."""
     from d2c.tolerances import CEILINGS, SAFETY, Check, ulp
 
     if "new_coords" not in node.attrs:        # not a [yolo] head: no -Ofast model of its arithmetic
@@ -215,7 +215,7 @@ def ofast_formula_check(default: Any, node: Any, z: np.ndarray, darknet_delta: n
     b, n, entries, _, h, w = jacobian.shape
     dz = ofast_input_error(node, z).reshape(b, n, entries, h, w)
     through = np.einsum("bnoihw,bnihw->bnohw", jacobian, dz).reshape(theirs.shape)
-    scale = np.maximum(ulp(theirs), ulp(np.finfo(np.float32).tiny))
+    scale = ulp(np.maximum(np.abs(theirs), np.float32(1)))     # formula_check's unit: ulps of max(|delta|, 1)
     allowed = CEILINGS["formula_ulps"] * scale + SAFETY * through
     diff = np.abs(theirs.astype(np.float64) - ours)
     at = np.unravel_index(int(np.argmax(diff / allowed)), diff.shape) if diff.size else ()
