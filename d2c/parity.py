@@ -516,6 +516,9 @@ def compare_step(dn, net, graph: Graph, conversion, sgd, before: dict[int, dict[
                 derived = row["momentum_rel"] if momentum else CEILINGS["update_of_change"] / SAFETY
                 floor = 4 * float(ulp(mag)) / change if change else 0.0
                 row["bound"] = derived_bound(derived, 1.0, CEILINGS["update_of_change"], floor)
+                if flips:   # a gradient routed elsewhere: only the ceiling can bound it
+                    row["routing_flips"] = flips
+                    row["momentum_bound"] = CEILINGS["momentum_rel"] + 4 * EPS32
                 effect = signs.effect(node.index, name)
                 if effect and momentum and u_mag:   # leaky sign flips reach it: their measured effect
                     extra = SAFETY * momentum * effect / u_mag      # on U, and on w relative to its change
@@ -523,9 +526,6 @@ def compare_step(dn, net, graph: Graph, conversion, sgd, before: dict[int, dict[
                     row["bound"] += extra
                     row["activation_flips"] = signs.counts
                     row["flip_effect"] = extra / SAFETY
-                if flips:   # a gradient routed elsewhere: only the ceiling can bound it
-                    row["routing_flips"] = flips
-                    row["momentum_bound"] = CEILINGS["momentum_rel"] + 4 * EPS32
             rows.append(row)
     full_u = {i: {**theirs[i], **u} for i, u in theirs_u.items()}
     return {"step": index, "rows": rows, "darknet_arrays": theirs, "darknet_updates": full_u,
