@@ -8,6 +8,11 @@ parity finds those elements (each converter's activation_flips, from both engine
 last training forward) and measures their effect exactly: the linear response of Caffe's own
 backward to the difference of the two gradients at exactly those elements. The affected update and
 momentum checks add that response to their bounds; the other arrays keep theirs.
+
+Limits: the flips are those of a step's last mini-batch (with subdivisions > 1 an earlier one's are
+not seen), the update bound needs momentum > 0 (the accumulator then carries the step's gradient),
+and an in-place Scale's gradient is recomputed only after d2c's exact BN (`--bn exact`, parity's
+default); after stock BN its share of the response is missing.
 """
 from __future__ import annotations
 
