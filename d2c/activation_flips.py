@@ -62,7 +62,8 @@ def find_activation_flips(dn: Any, net: Any, graph: Any, conversion: Any, sgd: A
     return found
 
 
-def gradient_response(net: Any, conversion: Any, sgd: Any, at: int, factor: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+def gradient_response(net: Any, conversion: Any, sgd: Any, at: int,
+                      factor: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
     """Darknet-named change of every learned array's gradient G if Caffe's layer `at` (the branch
     activation) had taken the engine's gradient factor: the incoming gradient g at that layer (a
     backward from the loss down to the layer above it) times `factor` (engine's minus Caffe's), fed

@@ -221,7 +221,8 @@ def ofast_formula_check(default: Any, node: Any, z: np.ndarray, darknet_delta: n
     at = np.unravel_index(int(np.argmax(diff / allowed)), diff.shape) if diff.size else ()
     value, bound = (float(diff[at] / scale[at]), float(allowed[at] / scale[at])) if diff.size else (0.0, 1.0)
     return Check(name, value, bound, {
-        "max_abs": float(np.max(diff)) if diff.size else 0.0, "max_ulps": float(np.max(diff / scale)) if diff.size else 0.0,
+        "max_abs": float(np.max(diff)) if diff.size else 0.0,
+        "max_ulps": float(np.max(diff / scale)) if diff.size else 0.0,
         "engine_arithmetic": f"-Ofast: vector expf and rcpps+Newton, {OFAST_REL / U32:g}u relative on the logistic "
                              "outputs and the box, through d2c's Jacobian",
         **({"worst": {"index": [int(i) for i in at], "darknet": float(theirs[at]), "d2c": float(ours[at]),

@@ -482,7 +482,8 @@ def compare_step(dn, net, graph: Graph, conversion, sgd, before: dict[int, dict[
     Rows: learned arrays (weights, biases, scales: difference relative to the step's change, bound
     from their accumulators' difference, since w += lr/B * U exactly on both sides), accumulators
     (relative to their size, bound from the step's input differences `r_inputs` times 1 + the
-    layers the gradient crossed; the ceiling when a max-pool argmax flipped), BN statistics
+    layers the gradient crossed; the ceiling when a max-pool argmax flipped; plus, for the arrays
+    leaky/relu sign flips reach, their measured effect: d2c.activation_flips), BN statistics
     (from `r_inputs`: a step moves them by a convex combination with the batch statistics).
     """
     theirs, theirs_u = darknet_arrays(dn, graph)
@@ -645,7 +646,8 @@ def format_report(report: ParityReport) -> str:
             where += ", argmax near-tie flips between the engines: " + ", ".join(
                 f"{n} in {k}" for k, n in check.detail["routing_flips"].items())
         if check.detail.get("activation_flips"):
-            where += (f", leaky/relu sign flips between the engines ({', '.join(f'{n} in {k}' for k, n in check.detail['activation_flips'].items())}), "
+            signs = ", ".join(f"{n} in {k}" for k, n in check.detail["activation_flips"].items())
+            where += (f", leaky/relu sign flips between the engines ({signs}), "
                       f"bound includes their effect {check.detail['flip_effect']:.3g}")
         lines.append(f"  {check.name:28s} {check.value:10.3g} {relation}{check.bound:8.3g}  "
                      f"{'ok' if check.ok else 'FAIL'}{where}")
