@@ -8,8 +8,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 from numpy.testing import assert_allclose
+
+from d2c.parity import take_sign_near_ties
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = "/usr/share/darknet/cfg/yolov3-voc.cfg"
@@ -39,3 +43,25 @@ def test_darknet53_delta_jump_is_a_leaky_sign_flip(tmp_path: Path) -> None:
     # the states differ: at 102 it does not (the slope differs), at 104 it does to float order
     assert flip["caffe_input_darknet_state"] > 0.1
     assert_allclose(control["caffe_input_darknet_state"], 0.0, atol=2e-5)
+
+
+def _fakes(theirs: np.ndarray, ours: np.ndarray, activation: str = "leaky"):
+    node = SimpleNamespace(index=0, kind="convolutional", params=[object()], attrs={"activation": activation})
+    dn = SimpleNamespace(layer_output=lambda i: theirs)
+    net = SimpleNamespace(blobs={"b0": SimpleNamespace(data=ours)})
+    conversion = SimpleNamespace(emitter=SimpleNamespace(blob=lambda i: "b0"))
+    return dn, net, SimpleNamespace(nodes=[node]), conversion
+
+
+def test_sign_near_ties_take_darknets_slope_only_within_float_order_of_zero() -> None:
+    theirs = np.array([[[[4.0, -1.2e-6, 0.3, -0.02]]]], np.float32)     # leaky outputs (pre-act -1.2e-5)
+    ours = np.array([[[[4.0, 3e-6, 0.3, 0.5]]]], np.float32)            # element 3: a real mistake
+    dn, net, graph, conversion = _fakes(theirs, ours.copy())
+    assert take_sign_near_ties(dn, net, graph, conversion) == {"layer 0 (convolutional)": 1}
+    # the near tie (|pre| 1.2e-5 <= 2e-5 x 4) takes Darknet's value; the far flip stays and fails parity
+    assert_allclose(net.blobs["b0"].data, np.array([[[[4.0, -1.2e-6, 0.3, 0.5]]]], np.float32), rtol=0, atol=0)
+    # negative controls: a linear layer has no slope to choose; nothing flips where the signs agree
+    dn, net, graph, conversion = _fakes(theirs, ours.copy(), "linear")
+    assert take_sign_near_ties(dn, net, graph, conversion) == {}
+    dn, net, graph, conversion = _fakes(theirs, theirs + np.float32(1e-7))
+    assert take_sign_near_ties(dn, net, graph, conversion) == {}
