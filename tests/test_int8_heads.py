@@ -22,7 +22,7 @@ from d2c.errors import D2CError
 from d2c.image import letterbox, load_image_rgb
 from d2c.int8_heads import merge_split, output_blobs
 from d2c.numerics import logistic_darknet
-from tests.shared_cfgs import shared_cfg_dir
+from shared_cfgs import shared_cfg_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SYS_CFG = Path("/usr/share/darknet/cfg")
