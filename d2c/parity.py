@@ -348,8 +348,8 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
                 xs, ts = x_all[k * batch:(k + 1) * batch], truth_all[k * batch:(k + 1) * batch]
                 d_err = dn.train_datum(xs, ts)
                 ties: dict[str, int] = {}
-                c_err, updated = sgd.train_minibatch(
-                    net, xs, ts, before_backward=lambda n: ties.update(take_sign_near_ties(dn, n, graph, train)))
+                take = (lambda n: ties.update(take_sign_near_ties(dn, n, graph, train))) if engine == "debian" else None
+                c_err, updated = sgd.train_minibatch(net, xs, ts, before_backward=take)
                 for where, count in ties.items():
                     report.sign_ties[where] = report.sign_ties.get(where, 0) + count
                 deltas = head_deltas(dn, net, train)

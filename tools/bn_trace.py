@@ -7,7 +7,11 @@ inputs that differ slightly) from a formula difference (the layer's backward app
 *same* input must then differ).
 
     PYTHONPATH=. python tools/bn_trace.py CFG --size 416 416 --batch 2 --out trace.npz
-Darknet runs in a child process of its own (its FTZ mode); Caffe runs here.
+Darknet runs in a child process of its own (its FTZ mode); Caffe runs here. Found with it (issue
+16): the jumps are leaky pre-activations within float order of zero that take the other sign in
+the two engines (slope 0.1 vs 1), e.g. yolov3-voc at 160 layer 102: 1.4e-5 in, 0.13 out, one
+element; the BN backward itself passes differences on at ~1-1.5x. Caffe runs this trace without
+parity's take_sign_near_ties, so the flips show.
 """
 from __future__ import annotations
 
