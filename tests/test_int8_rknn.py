@@ -155,7 +155,8 @@ def test_quantize_cli_from_a_data_file(tiny_split: Path, tmp_path: Path, capsys)
     from d2c.cli import main
     data = _dataset(tmp_path / "ds", ["dog", "giraffe", "horses"])
     out = tmp_path / "q"
-    rc = main(["quantize", str(tiny_split), "--data", str(data), "--max-fp16", "1", "-o", str(out)])
+    rc = main(["quantize", str(tiny_split), "--data", str(data), "--max-fp16", "1", "--order", "depth",
+               "-o", str(out)])
     report = json.loads((out / "quantize.json").read_text())
     assert rc == (0 if report["ok"] else 1)
     assert {"ok", "target", "precision", "kept", "total", "extra", "worst_iou", "worst_score_diff", "fp16_layers",
