@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -326,10 +326,12 @@ class DarknetSGD:
         """The rate the next update would use if it fired now (k = seen/(b*S))."""
         return darknet_rate(self.cfg.policy, self.seen // self.cfg.images_per_update)
 
-    def train_minibatch(self, net: Any, x: np.ndarray, truth: np.ndarray | None) -> tuple[float, bool]:
+    def train_minibatch(self, net: Any, x: np.ndarray, truth: np.ndarray | None,
+                        before_backward: Callable[[Any], None] | None = None) -> tuple[float, bool]:
         """train_network_datum: seen += b, forward, backward, accumulate; update when due.
 
         Returns (Darknet's err for this mini-batch = mean over heads of sum(delta^2), updated?).
+        `before_backward(net)` runs between the two passes (parity takes Darknet's near-tie decisions).
         """
         from d2c.loss import caffe_layers
 
@@ -339,6 +341,8 @@ class DarknetSGD:
         caffe_layers.set_seen(net, self.seen)
         net.clear_param_diffs()
         net.forward()
+        if before_backward is not None:
+            before_backward(net)
         net.backward()
         gain = F32(-b)
         for slot in self.slots:
