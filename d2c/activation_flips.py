@@ -37,8 +37,12 @@ class ActivationFlips:
 
 
 def find_activation_flips(dn: Any, net: Any, graph: Any, conversion: Any, sgd: Any) -> ActivationFlips:
-    """The sign flips of the last training forward, and their effect on every learned array's gradient."""
+    """The sign flips of the last training forward, and their effect on every learned array's gradient.
+    Float order, as parity's take_sign_near_ties (which resolves them before the backward on Debian's
+    engine) defines it: both pre-activations within the forward ceiling, relative to the layer's
+    largest output, of zero; a sign disagreement farther out is a mistake and gets no allowance."""
     from d2c.layers import REGISTRY
+    from d2c.tolerances import CEILINGS
 
     found = ActivationFlips()
     names = list(net._layer_names)
@@ -50,7 +54,8 @@ def find_activation_flips(dn: Any, net: Any, graph: Any, conversion: Any, sgd: A
         ours = np.asarray(net.blobs[blob].data, F32)
         if ours.size != theirs.size:
             continue
-        flips = REGISTRY[node.kind].activation_flips(node, theirs, ours.reshape(theirs.shape))
+        near = CEILINGS["forward_max_rel"] * float(np.max(np.abs(theirs))) if theirs.size else 0.0
+        flips = REGISTRY[node.kind].activation_flips(node, theirs, ours.reshape(theirs.shape), near)
         if flips is None or flips[0] not in names or not np.any(flips[1]):
             continue
         layer, factor = flips

@@ -91,3 +91,10 @@ def branch_layer(node: Node) -> str | None:
     emit_activation_copy name it `<prefix>_<activation>`), or None without one."""
     act = node.attrs.get("activation")
     return f"{node.prefix}_{act}" if isinstance(act, str) and act in BRANCH_SLOPES else None
+
+
+def pre_activation(act: str, out: np.ndarray) -> np.ndarray:
+    """A branch activation's input recovered from its output (leaky: x/0.1 below zero; relu: 0 there)."""
+    slope = BRANCH_SLOPES[act]
+    out = np.asarray(out)
+    return np.where(out > 0, out, out / slope if slope else out)

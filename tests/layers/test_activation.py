@@ -98,3 +98,16 @@ def test_smooth_activations_have_no_flips():
     x = np.array([[[[1e-8]]]], np.float32)
     assert all(REGISTRY["convolutional"].activation_flips(_node(act), x, -x) is None
                for act in ("linear", "logistic", "mish"))
+
+
+def test_sign_disagreement_far_from_zero_is_no_float_order_flip():
+    """Negative control of the float-order gate: -0.5 against +0.5 is a mistake, not a flip."""
+    import numpy as np
+    from numpy.testing import assert_allclose
+
+    from d2c.layers import REGISTRY
+
+    theirs = np.array([[[[0.5, 1e-6]]]], np.float32)
+    ours = np.array([[[[-0.5, -1e-6]]]], np.float32)
+    _, factor = REGISTRY["convolutional"].activation_flips(_node("leaky"), theirs, ours, near=1e-5)
+    assert_allclose(factor, [[[[0, 0.9]]]], atol=1e-7)
