@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from d2c.caffe.proto import CaffeLayer
 from d2c.layers import REGISTRY
 from d2c.loss.params import dump_params
@@ -148,3 +150,80 @@ def resync_kept_deltas(dn: Any, net: Any, batch: int) -> None:
         if isinstance(layer, DarknetKeptDelta):
             theirs = np.asarray(dn.layer_delta(int(layer.param_str)), np.float32)
             layer.kept = (-theirs / np.float32(batch)).astype(np.float32).reshape(layer.kept_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The heads' -Ofast arithmetic: the bound of parity's "delta formula" check for this engine
+# ---------------------------------------------------------------------------------------------
+
+#: Unit roundoff of float32 (half an ulp of 1).
+U32 = 2.0 ** -24
+#: Relative backward error of the quantities a [yolo] delta is computed from in the engine's -Ofast
+#: build, in units of U32 (the rest is d2c's own rounding of the same quantity):
+#: - the logistic 1/(1 + expf(-x)) runs in 4-lane loops (activate_array): glibc's vector expf is
+#:   within 1 ulp (<= 2u) where numpy's is too (2u); 1 + e rounds on both sides (2u); the division is
+#:   an rcpps estimate (|e0| <= 1.5 * 2^-12) refined by one Newton step, e0^2 + 3 roundings =
+#:   5.25u, against d2c's correctly rounded division (1u): 12.25u in all;
+#: - dx_box_iou's divisions are rcpps + Newton as well (5.25u + 1u each), and no path through it
+#:   takes more than two of them: 12.5u relative on the box coordinates they divide.
+OFAST_REL = 12.5 * U32
+
+
+def ofast_input_error(node: Any, z: np.ndarray) -> np.ndarray:
+    """Per head-input element (b, C, H, W), how far the input would have to move for the exact
+    formula to reproduce the engine's rounding of the quantity computed from it (OFAST_REL relative
+    on the logistic outputs and on the box: its centre (i + x) / lw, its size exp(w) or (2w)^2).
+
+    Why an input perturbation: the delta check then bounds the engine's arithmetic as an absolute
+    error of those quantities propagated through d2c's own Jacobian of each delta term, instead of
+    counting ulps of a delta that is a small difference (a CIoU term near zero)."""
+    from d2c.numerics import logistic_alexeyab
+
+    a = node.attrs
+    b, c, h, w = z.shape
+    entries = 5 + int(a["classes"])
+    z5 = np.asarray(z, np.float64).reshape(b, c // entries, entries, h, w)
+    new_coords, s = bool(a["new_coords"]), float(a["scale_x_y"])
+    y = z5 if new_coords else np.asarray(logistic_alexeyab(z5.astype(np.float32)), np.float64)
+    slope = np.ones_like(z5) if new_coords else y * (1 - y)       # d(activated)/dz
+    out = np.zeros_like(z5)
+    cells = (np.arange(w)[None, None, :], np.arange(h)[None, :, None])    # i (column), j (row)
+    for k, cell in enumerate(cells):          # centre: x*s + beta, then (cell + that) / grid
+        centre = cell + np.abs(y[:, :, k] * s - 0.5 * (s - 1))
+        out[:, :, k] = OFAST_REL * centre / (s * slope[:, :, k])
+    for k in (2, 3):                          # size: exp(z) (d/dz relative 1) or (2z)^2 (2/z)
+        out[:, :, k] = OFAST_REL * (np.abs(z5[:, :, k]) / 2 if new_coords else 1.0)
+    out[:, :, 4:] = OFAST_REL * np.abs(y[:, :, 4:]) / slope[:, :, 4:]
+    return np.minimum(np.nan_to_num(out, nan=np.inf), 1e-3).reshape(z.shape)   # 1e-3: the Jacobian's step
+
+
+def ofast_formula_check(default: Any, node: Any, z: np.ndarray, darknet_delta: np.ndarray,
+                        ours_on_darknet_input: np.ndarray, jacobian: np.ndarray) -> Any:
+    """parity's "delta formula" check for a [yolo] head of this engine (`default`, the engine-free
+    check, for any other head): d2c's loss on the engine's
+    own head input against the engine's delta, each element within formula_check's ceiling plus
+    SAFETY times the engine's -Ofast error (ofast_input_error) through d2c's Jacobian (`jacobian`:
+    (b, n, out entries, in entries, H, W), from d2c.tolerances.head_sensitivity). Value and bound
+    are in formula_check's unit (ulps of max(|delta|, 1)) at the element nearest its bound."""
+    from d2c.tolerances import CEILINGS, SAFETY, Check, ulp
+
+    if "new_coords" not in node.attrs:        # not a [yolo] head: no -Ofast model of its arithmetic
+        return default
+    name = default.name
+    theirs = np.asarray(darknet_delta, np.float32)
+    ours = np.asarray(ours_on_darknet_input, np.float32).reshape(theirs.shape)
+    b, n, entries, _, h, w = jacobian.shape
+    dz = ofast_input_error(node, z).reshape(b, n, entries, h, w)
+    through = np.einsum("bnoihw,bnihw->bnohw", jacobian, dz).reshape(theirs.shape)
+    scale = ulp(np.maximum(np.abs(theirs), np.float32(1)))     # formula_check's unit: ulps of max(|delta|, 1)
+    allowed = CEILINGS["formula_ulps"] * scale + SAFETY * through
+    diff = np.abs(theirs.astype(np.float64) - ours)
+    at = np.unravel_index(int(np.argmax(diff / allowed)), diff.shape) if diff.size else ()
+    value, bound = (float(diff[at] / scale[at]), float(allowed[at] / scale[at])) if diff.size else (0.0, 1.0)
+    return Check(name, value, bound, {
+        "max_abs": float(np.max(diff)) if diff.size else 0.0,
+        "max_ulps": float(np.max(diff / scale)) if diff.size else 0.0,
+        "engine_arithmetic": f"-Ofast: vector expf and rcpps+Newton, {OFAST_REL / U32:g}u relative on the logistic "
+                             "outputs and the box, through d2c's Jacobian",
+        **({"worst": {"index": [int(i) for i in at], "darknet": float(theirs[at]), "d2c": float(ours[at]),
+                      "engine_allowance_abs": float(SAFETY * through[at])}} if value else {})})

@@ -86,6 +86,7 @@ class RunResult:
 def run_rknn(files: ModelFiles, build: Build, dataset: PreparedSet | None, inputs: list[Path], workdir: Path,
              analysis_input: Path | None = None, timeout: float = 1800, export: Path | None = None) -> RunResult:
     """Build with RKNN-Toolkit2 in its venv and run the simulator on `inputs` (.npy NCHW tensors)."""
+    workdir = Path(workdir).resolve()     # the worker runs with cwd=workdir: relative paths would break
     workdir.mkdir(parents=True, exist_ok=True)
     job = {"prototxt": str(files.prototxt.resolve()), "caffemodel": str(files.caffemodel.resolve()),
            "config": build.config(files.sidecar), "quantize": build.quantize,
@@ -235,10 +236,12 @@ def references(files: ModelFiles, images: list[Path], input_kind: str, thresh: f
 
 def measure(files: ModelFiles, build: Build, images: list[Path], workdir: Path,
             refs: list[Reference] | None = None, thresh: float = 0.25, calibration: list[Path] | None = None,
-            export: Path | None = None) -> tuple[Agreement, list[str], float]:
+            export: Path | None = None, outputs_into: dict[Path, dict[str, np.ndarray]] | None = None,
+            ) -> tuple[Agreement, list[str], float]:
     """Score `build` on `images`: calibrated on `calibration` when given (one build, `export`ed to
     a .rknn file if asked), else as build.calibration says (the same images, leave-one-out, none).
-    Returns the agreement, the float16 tensors RKNN used, and the seconds spent in RKNN."""
+    Returns the agreement, the float16 tensors RKNN used, and the seconds spent in RKNN;
+    `outputs_into` receives each image's raw outputs (for mAP at a lower threshold)."""
     refs = refs or references(files, images, build.input_kind, thresh)
     inputs = prepare(images, files.sidecar, build.input_kind, "inputs").tensors
     agreement = Agreement()
@@ -261,6 +264,8 @@ def measure(files: ModelFiles, build: Build, images: list[Path], workdir: Path,
         seconds += run.seconds
         fp16 = run.fp16_tensors
         results.update(zip(scored, run.outputs, strict=True))
+    if outputs_into is not None:
+        outputs_into.update(results)
     for ref in refs:
         outputs = results[ref.image]
         got = rows(detect_outputs(outputs, files.sidecar, *ref.size, thresh=thresh), thresh)

@@ -361,7 +361,7 @@ def run_parity(cfg_path: str | Path, weights_path: str | Path | None = None, *, 
                                                            for theirs, ours, _layer in deltas.values()))
                 loss_checks.append(Check(f"mini-batch {k}", rel, bound))
                 if k == 0:  # (3) the head gradients of the first mini-batch
-                    report.checks.extend(head_checks(dn, net, graph, train, batch, deltas))
+                    report.checks.extend(head_checks(dn, net, graph, train, batch, deltas, engine))
                 if steps == 0:
                     break
                 if updated:  # (4) every array after this step, then Caffe resynchronised to Darknet
@@ -417,7 +417,7 @@ def head_deltas(dn, net, conversion) -> dict[int, tuple[np.ndarray, np.ndarray, 
 
 
 def head_checks(dn, net, graph: Graph, conversion, batch: int,
-                deltas: dict[int, tuple[np.ndarray, np.ndarray, Any]]) -> list[Check]:
+                deltas: dict[int, tuple[np.ndarray, np.ndarray, Any]], engine: str = "debian") -> list[Check]:
     """Three checks per head after the first training mini-batch.
 
     delta: Darknet's l.delta against the Caffe loss layer's, bounded by the head-input difference
@@ -444,7 +444,11 @@ def head_checks(dn, net, graph: Graph, conversion, batch: int,
         delta.detail["input_max_abs"] = float(np.max(np.abs(x_theirs.astype(np.float64) - x_ours)))
         propagated = delta_check(f"layer {head.index} propagated", dn.layer_delta(node.inputs[0]),
                                  -np.asarray(net.blobs[head.blob].diff, np.float64) * batch, sens, direct)
-        checks += [delta, formula_check(f"layer {head.index} delta formula", theirs, on_theirs), propagated]
+        formula = formula_check(f"layer {head.index} delta formula", theirs, on_theirs)
+        if engine == "alexeyab":    # its -Ofast heads' arithmetic bounds the check (d2c.alexeyab_cpu)
+            from d2c.alexeyab_cpu import ofast_formula_check
+            formula = ofast_formula_check(formula, node, x_theirs, theirs, on_theirs, sens.jacobian)
+        checks += [delta, formula, propagated]
     return checks
 
 
@@ -486,11 +490,14 @@ def compare_step(dn, net, graph: Graph, conversion, sgd, before: dict[int, dict[
     Rows: learned arrays (weights, biases, scales: difference relative to the step's change, bound
     from their accumulators' difference, since w += lr/B * U exactly on both sides), accumulators
     (relative to their size, bound from the step's input differences `r_inputs` times 1 + the
-    layers the gradient crossed; the ceiling when a max-pool argmax flipped), BN statistics
+    layers the gradient crossed; the ceiling when a max-pool argmax flipped; plus, for the arrays
+    leaky/relu sign flips reach, their measured effect: d2c.activation_flips), BN statistics
     (from `r_inputs`: a step moves them by a convex combination with the batch statistics).
     """
     theirs, theirs_u = darknet_arrays(dn, graph)
     flips = routing_flips(dn, net, graph, conversion)
+    from d2c.activation_flips import find_activation_flips
+    signs = find_activation_flips(dn, net, graph, conversion, sgd)
     depth = backward_depth(graph)
     ours = caffe_arrays(net, conversion)
     ours_u = caffe_arrays(net, conversion, updates=sgd.U)
@@ -521,9 +528,17 @@ def compare_step(dn, net, graph: Graph, conversion, sgd, before: dict[int, dict[
                 if flips:   # a gradient routed elsewhere: only the ceiling can bound it
                     row["routing_flips"] = flips
                     row["momentum_bound"] = CEILINGS["momentum_rel"] + 4 * EPS32
+                effect = signs.effect(node.index, name)
+                if effect and momentum and u_mag:   # leaky sign flips reach it: their measured effect
+                    extra = SAFETY * momentum * effect / u_mag      # on U, and on w relative to its change
+                    row["momentum_bound"] += extra
+                    row["bound"] += extra
+                    row["activation_flips"] = signs.counts
+                    row["flip_effect"] = extra / SAFETY
             rows.append(row)
     full_u = {i: {**theirs[i], **u} for i, u in theirs_u.items()}
-    return {"step": index, "rows": rows, "darknet_arrays": theirs, "darknet_updates": full_u}
+    return {"step": index, "rows": rows, "darknet_arrays": theirs, "darknet_updates": full_u,
+            "activation_flips": signs.counts}
 
 
 def backward_depth(graph: Graph) -> dict[int, int]:
@@ -628,12 +643,14 @@ def summarize_update(steps_done: list[dict[str, Any]], steps: int, seen_darknet:
     return {"steps": steps, "max_abs": max((row["max_abs"] for row in learned), default=0.0),
             "stats_max_rel": max((row["max_rel"] for row in stats), default=0.0),
             "largest_change": largest, "largest_change_ulps": visible, "arrays": rows,
+            "activation_flips": {step["step"]: step["activation_flips"] for step in steps_done
+                                 if step.get("activation_flips")},
             "seen_darknet": seen_darknet, "seen_caffe": seen_caffe}
 
 
 def flipped(row: dict[str, Any]) -> dict[str, Any]:
     """A row's routing flips, for the check's detail."""
-    return {"routing_flips": row["routing_flips"]} if row.get("routing_flips") else {}
+    return {key: row[key] for key in ("routing_flips", "activation_flips", "flip_effect") if row.get(key)}
 
 
 def update_checks(update: dict[str, Any]) -> list[Check]:
@@ -673,6 +690,10 @@ def format_report(report: ParityReport) -> str:
         if check.detail.get("routing_flips"):
             where += ", argmax near-tie flips between the engines: " + ", ".join(
                 f"{n} in {k}" for k, n in check.detail["routing_flips"].items())
+        if check.detail.get("activation_flips"):
+            signs = ", ".join(f"{n} in {k}" for k, n in check.detail["activation_flips"].items())
+            where += (f", leaky/relu sign flips between the engines ({signs}), "
+                      f"bound includes their effect {check.detail['flip_effect']:.3g}")
         lines.append(f"  {check.name:28s} {check.value:10.3g} {relation}{check.bound:8.3g}  "
                      f"{'ok' if check.ok else 'FAIL'}{where}")
     if report.update:

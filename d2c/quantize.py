@@ -4,10 +4,12 @@ RKNN's per-layer analysis, and an automatic fp16 fallback until int8 agrees with
 Why: an int8 build that "mostly works" loses boxes and shifts others; users cannot see which layers
 are to blame. This calibrates on the model's own training images (the `.data` file's train list, a
 list or a folder), preprocessed by the sidecar's contract; scores int8 against Darknet's fp32
-detections on evaluation images (the `.data` valid list, else the calibration images); ranks the
-conv blocks by the accumulated cosine each loses in RKNN's analysis; and moves the most sensitive to fp16 one at a time
-until every reference box is kept, none is extra, worst IoU >= 0.95 and worst score diff <= 0.05,
-or `--max-fp16` blocks are spent. Writes OUT/<stem>.rknn (the chosen build), OUT/quantize.json,
+detections on evaluation images (the `.data` valid list, else the calibration images); orders the
+conv blocks (front to back, by the accumulated cosine each loses in RKNN's analysis, or by per-block
+ablation scored on detections: d2c.int8_ablation) and moves them to fp16 one at a time until every
+reference box is kept, none is extra, worst IoU >= 0.95 and worst score diff <= 0.05, or `--max-fp16`
+blocks are spent. Where the evaluation images have Darknet label files, it also reports mAP@0.5 of
+fp32 and of the chosen build. Writes OUT/<stem>.rknn (the chosen build), OUT/quantize.json,
 OUT/sensitivity.png.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 from d2c.errors import D2CError
 
 TARGETS = ("rknn",)
+ORDERS = ("depth", "sensitivity", "ablation")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,10 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   ".data valid list, else the calibration images")
     p.add_argument("--eval-images", type=int, default=20, help="at most N evaluation images (default 20)")
     p.add_argument("--max-fp16", type=int, default=6, help="at most N conv blocks moved to fp16 (default 6)")
-    p.add_argument("--order", choices=["depth", "sensitivity"], default="depth",
-                   help="which conv blocks go to fp16 first: front to back (default; measured best on yolov3-tiny, "
-                        "whose early int8 errors are carried through the net) or by the accumulated cosine each "
-                        "block loses in RKNN's accuracy analysis")
+    p.add_argument("--order", choices=ORDERS, default="depth",
+                   help="which conv blocks go to fp16 first: front to back (default; early int8 errors are carried "
+                        "through the net), by the accumulated cosine each block loses in RKNN's accuracy analysis "
+                        "(sensitivity), or by per-block ablation (one build per block with it alone int8, scored on "
+                        "detections against Darknet fp32; cached)")
     p.add_argument("--thresh", type=float, default=0.25, help="detection threshold (default 0.25)")
     p.add_argument("-o", "--out", default="out/quantize", help="output directory (default out/quantize)")
 
@@ -81,12 +85,24 @@ def quantize(model: str | Path, data: str | Path, out: str | Path, *, images: in
     steps = []
     chosen: list[int] = []
     stem = files.prototxt.stem
-    sequence = sorted(b for b, _ in ranking) if order == "depth" else [b for b, _ in ranking]
+    ablation: list[dict[str, Any]] = []
+    if order == "ablation":
+        from d2c.int8_ablation import ablate, ablation_order
+        ablation = ablate(files, calib, evaluate, refs, work, thresh)
+        sequence = ablation_order(ablation)
+    elif order == "depth":
+        sequence = sorted(b for b, _ in ranking)
+    elif order == "sensitivity":
+        sequence = [b for b, _ in ranking]
+    else:
+        raise D2CError(f"--order {order}: choose one of {', '.join(ORDERS)}")
+    outputs: dict[Path, dict[str, Any]] = {}
     for k in range(0, max_fp16 + 1):
         blocks = sequence[:k]
         build = Build(f"int8 + {k} fp16" if k else "int8", fp16_blocks=blocks if k else None)
+        outputs.clear()
         agreement, fp16, seconds = measure(files, build, evaluate, work / f"step{k}", refs=refs, thresh=thresh,
-                                           calibration=calib, export=out_dir / f"{stem}.rknn")
+                                           calibration=calib, export=out_dir / f"{stem}.rknn", outputs_into=outputs)
         step = {"fp16_blocks": blocks, "fp16_tensors": fp16, "seconds": round(seconds, 1),
                 **{key: v for key, v in agreement.to_json().items() if key != "per_image"},
                 "ok": agreement.ok_target}
@@ -98,17 +114,50 @@ def quantize(model: str | Path, data: str | Path, out: str | Path, *, images: in
             break
     pre = deploy_preprocess(files.sidecar, "rknn")
     final = steps[-1]
+    map_fp32, map_int8 = map50_pair(files, outputs, evaluate)
     report = {"ok": final["ok"], "target": "rknn", "precision": "int8" if not chosen else "int8+fp16",
               "kept": final["kept"], "total": final["total"], "extra": final["extra"],
               "worst_iou": final["worst_iou"], "worst_score_diff": final["worst_score_diff"],
-              "map50_fp32": None, "map50_int8": None, "fp16_layers": [f"layer{b:03d}" for b in chosen],
+              "map50_fp32": map_fp32, "map50_int8": map_int8, "fp16_layers": [f"layer{b:03d}" for b in chosen],
               "preprocess": {"mean_values": pre["mean_values"], "std_values": pre["std_values"],
                              "channel_order": pre["channel_order"], "letterbox": pre["letterbox"]},
               "calibration_images": [str(p) for p in calib], "eval_images": [str(p) for p in evaluate],
-              "sensitivity": [{"block": b, "entire_cos_drop": c} for b, c in ranking], "order": order, "steps": steps,
+              "sensitivity": [{"block": b, "entire_cos_drop": c} for b, c in ranking], "order": order,
+              "sequence": sequence,
+              "ablation": [{k: s[k] for k in ("block", "kept", "total", "extra", "worst_iou", "worst_score_diff",
+                                              "head_rel", "damage")} for s in ablation],
+              "steps": steps,
               "rknn_model": str(out_dir / f"{stem}.rknn")}
     atomic_write_text(out_dir / "quantize.json", json.dumps(report, indent=1) + "\n")
     return report
+
+
+def map50_pair(files: Any, outputs: dict[Path, dict[str, Any]], images: list[Path]) -> tuple[float | None,
+                                                                                              float | None]:
+    """mAP@0.5 of fp32 (d2c's Darknet-exact pycaffe pipeline) and of the toolchain's `outputs` on
+    `images`, at Darknet's map threshold 0.005, against their Darknet label files; (None, None)
+    when an image has no label file (nothing to score against)."""
+    from d2c.dataset import label_path_for, parse_labels
+    from d2c.detect import Engine
+    from d2c.int8_rknn import detect_outputs
+    from d2c.metrics import DEFAULT_THRESH, evaluate, predictions_from_detections
+    classes = int(files.sidecar["heads"][-1]["classes"])
+    truths = []
+    for image in images:
+        label = Path(label_path_for(str(image)))
+        if not label.is_file():
+            return None, None
+        truths.append(parse_labels(label, classes)[0])
+    if not any(len(t) for t in truths):
+        return None, None
+    engine = Engine(files, "caffe")
+    fp32, int8 = [], []
+    for image in images:
+        dets, size = engine.detect(image, thresh=DEFAULT_THRESH)       # size: (width, height)
+        fp32.append(predictions_from_detections(dets, DEFAULT_THRESH))
+        int8.append(predictions_from_detections(detect_outputs(outputs[image], files.sidecar, *size,
+                                                               thresh=DEFAULT_THRESH), DEFAULT_THRESH))
+    return (round(evaluate(fp32, truths, classes).map50, 6), round(evaluate(int8, truths, classes).map50, 6))
 
 
 def _plot(path: Path, analysis: list[dict[str, Any]]) -> None:
@@ -136,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
                       max_fp16=args.max_fp16, thresh=args.thresh, order=args.order)
     print("  sensitivity (accumulated cosine each conv block loses, most sensitive first): " +
           ", ".join(f"layer{s['block']:03d} {s['entire_cos_drop']:.5f}" for s in report["sensitivity"]))
+    if report["ablation"]:
+        print("  ablation (damage with the block alone int8, the rest fp16; most damaging first): " +
+              ", ".join(f"layer{b:03d} {next(s['damage'] for s in report['ablation'] if s['block'] == b):.2f}"
+                        for b in report["sequence"]))
     print(f"  fp16 blocks: {', '.join(report['fp16_layers']) or 'none'}; "
           f"{'meets' if report['ok'] else 'misses'} the agreement target")
     print(f"  wrote {report['rknn_model']}, {Path(args.out) / 'quantize.json'}, {Path(args.out) / 'sensitivity.png'}")

@@ -86,11 +86,15 @@ def verify_int8(model: str | Path, images: list[Path], target: str = "rknn", dat
     if calib is None and len(images) < 2:
         raise D2CError("--int8 without --data calibrates leave-one-out over the images: name at least two")
     build = Build("int8", fp16_blocks=fp16_blocks or None, calibration="loo")
+    from d2c.quantize import map50_pair
+    outputs: dict[Path, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="d2c-rknn-") as tmp:
-        agreement, fp16, _ = measure(files, build, images, Path(tmp), thresh=thresh, calibration=calib)
+        agreement, fp16, _ = measure(files, build, images, Path(tmp), thresh=thresh, calibration=calib,
+                                     outputs_into=outputs)
+    map_fp32, map_int8 = map50_pair(files, outputs, list(images))   # None without label files
     return {"ok": agreement.ok_target, "target": target, "precision": "int8+fp16" if fp16_blocks else "int8",
             "calibration": "leave-one-out over the images" if calib is None else f"{len(calib)} image(s) from {data}",
-            **_summary(agreement), "map50_fp32": None, "map50_int8": None,
+            **_summary(agreement), "map50_fp32": map_fp32, "map50_int8": map_int8,
             "fp16_layers": [f"layer{b:03d}" for b in fp16_blocks or []], "fp16_tensors": fp16,
             "preprocess": _written(deploy_preprocess(files.sidecar, "rknn"))}
 

@@ -23,7 +23,7 @@ from d2c.detect import load_model_files
 from d2c.errors import DatasetError
 from d2c.image import letterbox, load_image_rgb
 from d2c.int8_rknn import (Agreement, Build, block_members, measure, parse_analysis, rank_blocks, references,
-                           rknn_python)
+                           rknn_python, rows)
 from d2c.preprocess import to_uint8_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,13 +115,13 @@ def test_analysis_rows_and_ranking(tmp_path: Path) -> None:
             "[Split] layer015_conv_oc_raw\n"
             "[Conv] layer015_conv_wh      0.97075 | 490.1    0.97130 | 489.3\n")
     (tmp_path / "error_analysis.txt").write_text(text)
-    rows = parse_analysis(tmp_path / "error_analysis.txt")
-    assert [r["tensor"] for r in rows] == ["data", "layer000_scale", "layer000_leaky", "layer002_scale",
+    parsed = parse_analysis(tmp_path / "error_analysis.txt")
+    assert [r["tensor"] for r in parsed] == ["data", "layer000_scale", "layer000_leaky", "layer002_scale",
                                            "layer015_conv_wh"]
     # entire-cosine lost per block: 0 loses 1 - 0.99944, 2 loses 0.99944 - 0.99976 (none), 15 loses
     # 0.99976 - 0.97075 (its previous row is layer002_scale: the unparsed row is skipped).
     members = {0: [0, 1], 2: [2, 3], 15: [15, 16]}
-    assert rank_blocks(rows, members) == [(15, 0.02901), (0, 0.00056), (2, -0.00032)]
+    assert rank_blocks(parsed, members) == [(15, 0.02901), (0, 0.00056), (2, -0.00032)]
 
 
 def test_blocks_take_their_pools_and_routes(tmp_path: Path) -> None:
@@ -165,3 +165,120 @@ def test_quantize_cli_from_a_data_file(tiny_split: Path, tmp_path: Path, capsys)
     assert report["total"] >= 13 and report["kept"] >= report["total"] - 2
     assert (out / "yolov3-tiny.rknn").stat().st_size > 1_000_000 and (out / "sensitivity.png").stat().st_size > 1000
     assert "sensitivity" in capsys.readouterr().out
+
+
+TOY_CFG = """[net]
+width=64
+height=64
+channels=3
+
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+
+[convolutional]
+size=1
+stride=1
+pad=1
+filters=18
+activation=linear
+
+[yolo]
+mask=0,1,2
+anchors=10,14,23,27,37,58
+classes=1
+num=3
+"""
+
+
+def test_damage_ranks_lost_boxes_before_shifts() -> None:
+    """The ablation score: 0 for a perfect build, one per lost or extra box, plus the worst IoU loss
+    or score diff in units of the target's 0.05 margins (no builds)."""
+    from d2c.int8_ablation import ablation_order, damage
+    perfect = {"kept": 5, "total": 5, "extra": 0, "worst_iou": 1.0, "worst_score_diff": 0.0}
+    assert damage(perfect) == 0.0
+    assert_allclose(damage({**perfect, "worst_iou": 0.95}), 1.0, rtol=1e-12)
+    assert_allclose(damage({**perfect, "worst_iou": 0.97, "worst_score_diff": 0.04}), 0.8, rtol=1e-12)
+    assert_allclose(damage({**perfect, "kept": 4, "extra": 1, "worst_iou": 0.99}), 2.2, rtol=1e-12)
+    scores = [{"block": 0, "damage": 0.4, "head_rel": 0.1}, {"block": 2, "damage": 1.5, "head_rel": 0.1},
+              {"block": 4, "damage": 0.4, "head_rel": 0.3}]
+    assert ablation_order(scores) == [2, 4, 0]
+
+
+def test_quantize_ablation_order_on_a_toy_model(tmp_path: Path, monkeypatch) -> None:
+    """`d2c quantize --order ablation` on a two-block toy model (64x64, random weights): one RKNN
+    build per block with it alone int8, scored on detections, the fallback moving the most damaging
+    block first; the scores are cached, so the second ablation does no build (RKNN blocked), and a
+    different threshold (negative control) misses the cache."""
+    import d2c.int8_ablation as abl
+    import d2c.int8_rknn as rk
+    from d2c.quantize import quantize
+    monkeypatch.setattr(abl, "cache_dir", lambda: tmp_path / "cache" / "calibration")
+    (tmp_path / "toy.cfg").write_text(TOY_CFG)
+    convert(tmp_path / "toy.cfg", None, tmp_path / "m", split_heads=True, seed=3)
+    files = load_model_files(tmp_path / "m")
+    calib, evaluate = IMAGES[:3], IMAGES[:2]
+    (tmp_path / "calib.txt").write_text("".join(f"{p}\n" for p in calib))
+    report = quantize(tmp_path / "m", tmp_path / "calib.txt", tmp_path / "q", eval_images=evaluate, max_fp16=1,
+                      order="ablation")
+    scores = report["ablation"]
+    assert [s["block"] for s in scores] == [0, 2] and sorted(report["sequence"]) == [0, 2]
+    assert report["sequence"] == abl.ablation_order(scores)
+    for s in scores:
+        assert s["total"] > 0 and 0 <= s["kept"] <= s["total"]
+        assert_allclose(s["damage"], abl.damage(s), atol=1e-6)
+    assert report["steps"][0]["fp16_blocks"] == []
+    if len(report["steps"]) > 1:
+        assert report["steps"][1]["fp16_blocks"] == report["sequence"][:1]
+    cache = abl.ablation_cache(files, calib, evaluate, 0.25)
+    assert cache.is_file()
+
+    def blocked(*_a, **_k):
+        raise AssertionError("an ablation build ran although its scores are cached")
+    monkeypatch.setattr(rk, "run_rknn", blocked)
+    refs = references(files, evaluate, "uint8")
+    again = abl.ablate(files, calib, evaluate, refs, tmp_path / "w2")
+    assert [(s["block"], s["damage"]) for s in again] == [(s["block"], s["damage"]) for s in scores]
+    assert abl.ablation_cache(files, calib, evaluate, 0.3) != cache
+    with pytest.raises(AssertionError, match="cached"):
+        abl.ablate(files, calib, evaluate, refs, tmp_path / "w3", thresh=0.3)
+
+
+def test_map50_pair_scores_toolchain_outputs_against_labels(tiny_split: Path, tmp_path: Path) -> None:
+    """quantize's mAP@0.5 pair (no builds): labels made from Darknet's fp32 boxes give fp32 mAP 1;
+    pycaffe's heads on the uint8 frames standing in for the toolchain's outputs score the same to
+    0.02; the same heads with the w/h logits shifted by 0.5 (boxes 65% too big; negative control)
+    lose it; an image without a label file gives no mAP."""
+    from d2c.detect import Engine
+    from d2c.quantize import map50_pair
+    files = load_model_files(tiny_split)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    images = []
+    engine = Engine(files, "caffe")
+    for name in ("dog", "horses"):
+        image = tmp_path / "images" / f"{name}.jpg"
+        shutil.copy(f"/usr/share/darknet/data/{name}.jpg", image)
+        dets, _ = engine.detect(image)
+        (tmp_path / "labels" / f"{name}.txt").write_text("".join(
+            f"{c} {b[0]:.6f} {b[1]:.6f} {b[2]:.6f} {b[3]:.6f}\n" for c, _, b in rows(dets)))
+        images.append(image)
+    heads = {r.image: r.heads for r in references(files, images, "uint8")}
+    fp32, same = map50_pair(files, heads, images)
+    assert_allclose(fp32, 1.0, atol=1e-9)
+    assert_allclose(same, fp32, atol=0.02)
+    wh = [blob for blob in next(iter(heads.values())) if blob.endswith("_wh")]
+    assert wh, "split heads have w/h outputs"
+    shifted = {image: {b: v + np.float32(0.5) if b in wh else v for b, v in out.items()} for image, out in heads.items()}
+    _, bad = map50_pair(files, shifted, images)
+    assert bad < fp32 - 0.3
+    (tmp_path / "labels" / "dog.txt").unlink()
+    assert map50_pair(files, heads, images) == (None, None)

@@ -1,6 +1,7 @@
 """Measure the int8 table of the README: RKNN simulator builds of real yolov3-tiny against Darknet.
 
 Usage: .venv/bin/python tools/int8_table.py [--out out/int8] [--images DIR] [--max-fp16 6]
+       .venv/bin/python tools/int8_table.py --ablation-loo 5 6     (only the ablation-order rows)
 
 Rows (each image scored against Darknet's fp32 detections at thresh 0.25 after Darknet's NMS):
 fp16; int8 calibrated on the same images with float 0..1 input / uint8 input with the contract's
@@ -8,7 +9,9 @@ std 255 / mmse; the classic mistake (uint8 frames, std 1); leave-one-out int8; R
 int8-friendly split heads; then the automatic fallback on the split model: conv blocks (each with
 its maxpool/route/upsample) moved to fp16 one at a time in the order RKNN's accuracy analysis ranks
 them (calibrated on the 7), until the agreement target holds or --max-fp16 blocks are spent, and
-that choice confirmed leave-one-out. Resumable: rows already in
+that choice confirmed leave-one-out. `--ablation-loo K...`: the per-block ablation of `d2c quantize
+--order ablation` (calibrated and scored on the 7; cached, so after a `d2c quantize` on the same 7 it
+costs no build) and the first K blocks of its order in fp16, leave-one-out. Resumable: rows already in
 OUT/table.json are kept. Writes OUT/table.json and OUT/table.md.
 """
 from __future__ import annotations
@@ -24,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from d2c.convert import convert  # noqa: E402
 from d2c.detect import load_model_files  # noqa: E402
 from d2c.fsutil import atomic_write_text  # noqa: E402
-from d2c.int8_rknn import Build, measure, sensitivity  # noqa: E402
+from d2c.int8_ablation import ablate, ablation_order  # noqa: E402
+from d2c.int8_rknn import Build, measure, references, sensitivity  # noqa: E402
 
 CFG = Path("/usr/share/darknet/cfg/yolov3-tiny.cfg")
 WEIGHTS = ROOT / "weights" / "yolov3-tiny.weights"
@@ -35,6 +39,8 @@ def main() -> int:
     parser.add_argument("--out", default="out/int8")
     parser.add_argument("--images", default="/usr/share/darknet/data")
     parser.add_argument("--max-fp16", type=int, default=6)
+    parser.add_argument("--ablation-loo", type=int, nargs="+", metavar="K",
+                        help="only: the first K blocks of the ablation order in fp16, leave-one-out")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,6 +68,18 @@ def main() -> int:
               f"({seconds:.0f} s)", flush=True)
         return entry
 
+    if args.ablation_loo:
+        scores = ablate(models["split"], images, images, references(models["split"], images, "uint8"),
+                        out / "work" / "ablation")
+        table["ablation"] = scores
+        order = ablation_order(scores)
+        print("ablation order (block, damage alone int8):",
+              [(b, next(s["damage"] for s in scores if s["block"] == b)) for b in order], flush=True)
+        for k in args.ablation_loo:
+            row("split", Build(f"split heads + first {k} blocks of the ablation order fp16, leave-one-out",
+                               fp16_blocks=order[:k]))
+        atomic_write_text(table_path, json.dumps(table, indent=1) + "\n")
+        return 0
     row("split", Build("split heads, int8, uint8 std 255, leave-one-out"))
     if table["ranking"] is None:
         analysis, ranking = sensitivity(models["split"], images, out / "work" / "analysis")

@@ -37,8 +37,8 @@ def models() -> list[tuple[str, Path, int, str]]:
     """(label, cfg, size, lineage) in README order."""
     rows = [(REAL, DEBIAN / "yolov3-tiny.cfg", 416, "pjreddie")]
     rows += [(name, DEBIAN / f"{name}.cfg", 160, "pjreddie") for name in DEBIAN_YOLO]
-    rows += [(cfg.stem, cfg, 256 if "reorg" in cfg.name else 160, "alexeyab")
-             for cfg in sorted(shared_cfg_dir().glob("*.cfg"))]
+    rows += [(f"{cfg.stem} (AlexeyAB)" if cfg.stem in DEBIAN_YOLO else cfg.stem, cfg,
+              256 if "reorg" in cfg.name else 160, "alexeyab") for cfg in sorted(shared_cfg_dir().glob("*.cfg"))]
     return rows
 
 

@@ -241,7 +241,9 @@ def targets_block() -> str:
                      f"{support_table._cell(target.source)} |")
     lines += ["", f"Measured by `tools/targets_matrix.py` ({data.get('measured', '?')}): worst head max relative "
               "error against pycaffe, per model and target (random weights, seed 7, 160 px unless noted; `✗` a "
-              "model the toolchain or d2c refused, with the reason in `docs/targets-matrix.json`).", "",
+              "model the toolchain or d2c refused, with the reason in `docs/targets-matrix.json`; `—` not measured yet: "
+              "OpenVINO's Model Optimizer takes minutes per deep net, and `tools/targets_matrix.py --targets openvino` "
+              "fills the cell in; the yolov4 cell at 64 px measured 7.4e-07).", "",
               "| model | input | " + " | ".join(targets) + " |", "|---|---|" + "---|" * len(targets)]
     import targets_matrix
     order = [label for label, *_ in targets_matrix.models()]

@@ -70,3 +70,24 @@ class Activation(LayerConverter):
 
     def emit(self, node: Node, em: Emitter, arrays: dict[str, np.ndarray]) -> None:
         em.blob_of[node.index] = emit_activation_copy(em, node, em.blob(node.inputs[0]), node.attrs["activation"])
+
+
+#: Piecewise-linear activations whose gradient both engines pick by the sign of the *output*
+#: (Darknet's leaky_gradient/relu_gradient `x > 0`, Caffe's ReLU `bottom_data > 0` in place):
+#: the slope on the non-positive side.
+BRANCH_SLOPES: dict[str, float] = {"leaky": 0.1, "relu": 0.0}
+
+
+def gradient_branches(act: str, out: np.ndarray) -> np.ndarray | None:
+    """The gradient factor each output element of `act` takes (1 above zero, the slope at or below),
+    or None for an activation without branches (its gradient is a smooth function of the output)."""
+    if act not in BRANCH_SLOPES:
+        return None
+    return np.where(np.asarray(out) > 0, np.float32(1.0), np.float32(BRANCH_SLOPES[act]))
+
+
+def branch_layer(node: Node) -> str | None:
+    """The Caffe layer that applies the node's branch activation (common.emit_activation and
+    emit_activation_copy name it `<prefix>_<activation>`), or None without one."""
+    act = node.attrs.get("activation")
+    return f"{node.prefix}_{act}" if isinstance(act, str) and act in BRANCH_SLOPES else None

@@ -98,6 +98,19 @@ class LayerConverter:
         another input: amplification, not a formula error. None: the node makes no such choice."""
         return None
 
+    def activation_flips(self, node: Node, theirs: np.ndarray, ours: np.ndarray) -> tuple[str, np.ndarray] | None:
+        """For a node whose own activation picks its gradient by the output's sign (leaky, relu): the
+        Caffe layer applying it and, per element of the two engines' outputs `theirs` and `ours`, the
+        gradient factor the engine took minus Caffe's (0 where they agree). A pre-activation within
+        float order of zero that takes the other sign scales its gradient by 0.1 instead of 1 on
+        one side: amplification, not a formula error. None: no such activation."""
+        from d2c.layers.activation import branch_layer, gradient_branches
+
+        layer, act = branch_layer(node), node.attrs.get("activation")
+        if layer is None:
+            return None
+        return layer, gradient_branches(act, theirs) - gradient_branches(act, ours)
+
     def read_array(self, node: Node, spec: ParamArray, stored: np.ndarray, header: WeightsHeader) -> np.ndarray:
         """One array as the .weights file stores it (flat float32) -> its Darknet shape."""
         return stored.reshape(spec.shape)

@@ -63,3 +63,38 @@ def test_pjreddie_unknown_activation_runs_relu(make_case):
     case_dn = case.darknet()
     from .conftest import assert_close
     assert_close(case.caffe()[1], case_dn[1], "mish->ReLU fallback vs Darknet")
+
+
+def _node(act: str):
+    from d2c.darknet.node import Node
+    return Node(index=3, kind="convolutional", section=None, inputs=[2], in_shapes=[(2, 2, 2)], out_shape=(2, 2, 2),
+                attrs={"activation": act})
+
+
+@pytest.mark.parametrize("act, slope", [("leaky", 0.1), ("relu", 0.0)])
+def test_activation_flips_are_the_sign_disagreements(act, slope):
+    """A branch activation's gradient factor is picked by the output's sign on both sides: the flips
+    are exactly the elements whose signs differ, with the engine's factor minus Caffe's there."""
+    import numpy as np
+    from numpy.testing import assert_allclose
+
+    from d2c.layers import REGISTRY
+
+    theirs = np.array([[[[0.5, -0.2], [1e-8, -1e-8]]]], np.float32)
+    ours = theirs.copy()
+    layer, same = REGISTRY["convolutional"].activation_flips(_node(act), theirs, ours)
+    assert layer == f"layer003_{act}"                          # the layer emit_activation names
+    assert_allclose(same, 0.0, atol=0)                        # negative control: equal outputs, no flip
+    ours[0, 0, 1] = -ours[0, 0, 1]                            # the two near-zero elements take the other sign
+    _, factor = REGISTRY["convolutional"].activation_flips(_node(act), theirs, ours)
+    assert_allclose(factor, [[[[0, 0], [1 - slope, slope - 1]]]], atol=1e-7)
+
+
+def test_smooth_activations_have_no_flips():
+    import numpy as np
+
+    from d2c.layers import REGISTRY
+
+    x = np.array([[[[1e-8]]]], np.float32)
+    assert all(REGISTRY["convolutional"].activation_flips(_node(act), x, -x) is None
+               for act in ("linear", "logistic", "mish"))
