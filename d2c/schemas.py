@@ -78,6 +78,10 @@ PARITY_REPORT = {
                    "description": "every learned array, accumulator and BN statistic after each step (each row with "
                                   "its bound); largest_change is the largest learned step (absent with --steps 0)"},
         "emulated_defects": {"type": "array", "items": STR},
+        "sign_ties": {"type": "object", "additionalProperties": {"type": "integer"},
+                      "description": "per layer, leaky/ReLU pre-activations of the other sign within the forward "
+                                     "ceiling of zero, over the mini-batches: Caffe's backward took Darknet's slope "
+                                     "there (Debian's engine)"},
         "tolerances": {"type": "object", "additionalProperties": NUMBER,
                        "description": "the fixed ceilings every derived bound is capped by"},
         "seconds": NUMBER,
