@@ -4,9 +4,10 @@
 # cache, keyed by the source's sha256, so a second run is instant. Prints the build directory, which holds
 # libdarknet.so, the darknet binary, include/darknet.h and build-info.json.
 #
-# Source, first found: $D2C_ALEXEYAB_SRC (a directory or a .tar.gz), alexeyab-darknet-59596d7.tar.gz in
-# ../shared/engines/ beside the checkout or /work/shared/engines/ (offline machines), else a git clone of
-# the pinned commit.
+# Source, first found: $D2C_ALEXEYAB_SRC (a directory or a .tar.gz); alexeyab-darknet-59596d7.tar.gz kept
+# in the cache from an earlier run; the same tarball in an engines/ folder of any directory beside the
+# checkout (offline machines; it is then kept in the cache, so later clones elsewhere find it); else a git
+# clone of the pinned commit.
 set -euo pipefail
 COMMIT=59596d7880f6504768df41d6daa586f5cb2b932f
 TARBALL=alexeyab-darknet-${COMMIT:0:7}.tar.gz
@@ -16,9 +17,13 @@ log() { echo "[build_alexeyab] $*" >&2; }
 
 src=${D2C_ALEXEYAB_SRC:-}
 if [ -z "$src" ]; then
-  for candidate in "$here/../../shared/engines/$TARBALL" "/work/shared/engines/$TARBALL"; do
+  kept="$CACHE/src/$TARBALL"
+  for candidate in "$kept" "$here"/../../*/engines/"$TARBALL"; do
     if [ -f "$candidate" ]; then src=$(cd "$(dirname "$candidate")" && pwd)/$TARBALL; break; fi
   done
+  if [ -n "$src" ] && [ "$src" != "$kept" ]; then   # keep the offline copy for clones in other places
+    mkdir -p "$CACHE/src" && cp "$src" "$kept.tmp" && mv "$kept.tmp" "$kept" && src="$kept"
+  fi
 fi
 if [ -z "$src" ]; then
   # No local copy: clone the pinned commit once into the cache (needs a network).
