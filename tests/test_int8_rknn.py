@@ -26,17 +26,9 @@ from d2c.int8_rknn import (Agreement, Build, block_members, measure, parse_analy
                            rknn_python, rows)
 from d2c.preprocess import to_uint8_frame
 
-ROOT = Path(__file__).resolve().parents[1]
-CFG = Path("/usr/share/darknet/cfg/yolov3-tiny.cfg")
+from int8_models import CFG, tiny_split  # noqa: F401 (tiny_split is a fixture)
+
 IMAGES = sorted(Path("/usr/share/darknet/data").glob("*.jpg"))
-TINY_WEIGHTS = ROOT / "weights" / "yolov3-tiny.weights"
-
-
-@pytest.fixture(scope="module")
-def tiny_split(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-split")
-    convert(CFG, TINY_WEIGHTS, out, split_heads=True)
-    return out
 
 
 def _dataset(root: Path, names: list[str]) -> Path:

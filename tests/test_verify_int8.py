@@ -16,7 +16,6 @@ import pytest
 
 from d2c.calibration import toolchain_tensor
 from d2c.cli import main
-from d2c.convert import convert
 from d2c.detect import load_model_files
 from d2c.int8_heads import output_blobs
 from d2c.int8_rknn import Agreement, detect_outputs, references, rows
@@ -24,18 +23,10 @@ from d2c.targets import get_target
 from d2c.targets.verify import run_toolchain
 from d2c.verify_int8 import UINT8_HEAD_REL, verify_uint8
 
-ROOT = Path(__file__).resolve().parents[1]
-CFG = Path("/usr/share/darknet/cfg/yolov3-tiny.cfg")
+from int8_models import tiny_split  # noqa: F401 (a fixture)
+
 DATA = Path("/usr/share/darknet/data")
 IMAGES = [DATA / "dog.jpg", DATA / "horses.jpg"]
-TINY_WEIGHTS = ROOT / "weights" / "yolov3-tiny.weights"
-
-
-@pytest.fixture(scope="module")
-def tiny_split(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-split")
-    convert(CFG, TINY_WEIGHTS, out, split_heads=True)
-    return out
 
 
 @pytest.mark.parametrize("target", ["opencv", "openvino", "rknn"])
